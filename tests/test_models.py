@@ -1,0 +1,131 @@
+"""The tied families against torchtitan's own untied model, on CPU in fp32."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
+from torchtitan.models.qwen3.model.model import Qwen3Model
+
+from tiedmoe_titan.models import ExpertBank, TiedMoE
+from tiedmoe_titan.tying import TieConfig
+
+from conftest import build_model, flavor_args
+
+TIED_2 = TieConfig(group_size=2, untied_first=2, untied_last=2)
+
+
+def torchtitan_qwen3(args) -> Qwen3Model:
+    """torchtitan's own untied qwen3 model with the same shape as ``args``."""
+    fields = {f.name for f in dataclasses.fields(Qwen3ModelArgs)}
+    plain = Qwen3ModelArgs(**{k: copy.deepcopy(getattr(args, k)) for k in fields})
+    plain.moe_args = args.layer_moe_args()  # fp32 for-loop experts, same expert bias setting
+    return Qwen3Model(plain)
+
+
+def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def tokens(batch=2, seq=32, vocab=2048):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_untied_is_torchtitan_qwen3_exactly():
+    ours = build_model("qwen3", seed=3)
+    theirs = torchtitan_qwen3(ours.model_args)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        theirs.init_weights()
+    # Same parameter names, and the same init from the same seed.
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert ours_sd.keys() == theirs_sd.keys()
+    for k in ours_sd:
+        torch.testing.assert_close(ours_sd[k], theirs_sd[k], rtol=0, atol=0, msg=k)
+
+    x = tokens()
+    ce_loss(ours(x), x).backward()
+    ce_loss(theirs(x), x).backward()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs_params[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmoe"])
+def test_tied_equals_untied_with_copied_experts(family):
+    ours = build_model(family, TIED_2, seed=5)
+    layout = ours.model_args.tie_layout()
+    untied = build_model(family, seed=6)  # same family, untied, different weights
+    # Copy: every parameter by name; each untied layer's experts from the bank it reads.
+    banks = {layer: ours.layers[str(layer)].moe.experts for layer in layout.moe_layers}
+    with torch.no_grad():
+        ours_params = dict(ours.named_parameters())
+        for name, p in untied.named_parameters():
+            if ".moe.experts." in name:
+                layer, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+                p.copy_(getattr(banks[layer], weight))
+            else:
+                p.copy_(ours_params[name])
+
+    x = tokens()
+    torch.testing.assert_close(ours(x), untied(x), rtol=1e-6, atol=1e-6)
+    ce_loss(ours(x), x).backward()
+    ce_loss(untied(x), x).backward()
+    untied_params = dict(untied.named_parameters())
+    for name, p in ours.named_parameters():
+        if ".moe.experts." in name:
+            owner, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+            copies = [untied_params[f"layers.{layer}.moe.experts.{weight}"].grad for layer in layout.bank_of(owner).layers]
+            torch.testing.assert_close(p.grad, torch.stack(copies).sum(0), rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            torch.testing.assert_close(p.grad, untied_params[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_each_bank_is_stored_once():
+    model = build_model("qwen3", TieConfig(group_size=3, untied_first=1, untied_last=1, bank_expansion=2))
+    layout = model.model_args.tie_layout()
+    # 8 MoE layers, 1+1 anchors, 6 tied in groups of 3 -> 4 banks.
+    assert [b.layers for b in layout.banks] == [(0,), (1, 2, 3), (4, 5, 6), (7,)]
+    expert_keys = [k for k in model.state_dict() if ".moe.experts." in k]
+    assert sorted(expert_keys) == sorted(f"layers.{b.owner}.moe.experts.{w}" for b in layout.banks for w in ("w1", "w2", "w3"))
+    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    assert len(banks) == layout.num_banks
+    params = list(model.parameters())
+    assert len({id(p) for p in params}) == len(params)
+    for bank_spec in layout.banks:
+        owner_bank = model.layers[str(bank_spec.owner)].moe.experts
+        assert owner_bank.num_experts == bank_spec.num_experts
+        for layer in bank_spec.layers:
+            moe = model.layers[str(layer)].moe
+            assert moe.experts is owner_bank
+            assert moe.router.gate.out_features == bank_spec.num_experts
+            assert moe.owns_bank == (layer == bank_spec.owner)
+    # Tied banks hold 2x the experts of an anchor (bank expansion), anchors keep 8.
+    assert [b.num_experts for b in layout.banks] == [8, 16, 16, 8]
+    # The layer -> bank map is in the repr.
+    text = repr(model)
+    assert "ExpertBank(bank=1, layers=[1, 2, 3], experts=16)" in text
+    assert "experts -> bank 1 (owned by layers.1)" in text
+
+
+def test_bank_initialised_once_from_first_layer_of_group():
+    model = build_model("qwen3", TIED_2, seed=11)
+    # Routers differ per layer; a bank's init std is its first layer's (depth init).
+    bank = model.layers["2"].moe.experts
+    std_layer2 = model.layers["2"].weight_init_std
+    assert bank.w2.std().item() == pytest.approx(std_layer2, rel=0.1)
+    assert not torch.equal(model.layers["2"].moe.router.gate.weight, model.layers["3"].moe.router.gate.weight)
+
+
+def test_layers_keep_their_own_router_state():
+    model = build_model("qwen3", TIED_2, expert_bias_rate=1e-3)
+    m2, m3 = model.layers["2"].moe, model.layers["3"].moe
+    assert m2.experts is m3.experts
+    assert m2.expert_bias is not m3.expert_bias and m2.tokens_per_expert is not m3.tokens_per_expert
+    model(tokens())
+    # Different routers route differently over the same bank: separate counts.
+    assert m2.tokens_per_expert.sum() == m3.tokens_per_expert.sum() == 2 * 32 * 2
+    assert not torch.equal(m2.tokens_per_expert, m3.tokens_per_expert)

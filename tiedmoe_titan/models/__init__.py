@@ -1,0 +1,30 @@
+"""Tied-expert model families built on torchtitan's model code."""
+
+from .bank import ExpertBank
+from .family import RoutingConfig, TiedMoEArgs
+from .moe import TiedMoE, model_routing_loss, routing_losses, tie_experts
+from .olmoe import OlmoeAttention, TiedOlmoeModel, olmoe_flavors
+from .qwen3 import TiedQwen3Model, TiedQwen3ModelArgs, qwen3_flavors
+
+# family name -> (model class, flavors)
+FAMILIES = {
+    "qwen3": (TiedQwen3Model, qwen3_flavors),
+    "olmoe": (TiedOlmoeModel, olmoe_flavors),
+}
+
+__all__ = [
+    "ExpertBank",
+    "FAMILIES",
+    "OlmoeAttention",
+    "RoutingConfig",
+    "TiedMoE",
+    "TiedMoEArgs",
+    "TiedOlmoeModel",
+    "TiedQwen3Model",
+    "TiedQwen3ModelArgs",
+    "model_routing_loss",
+    "olmoe_flavors",
+    "qwen3_flavors",
+    "routing_losses",
+    "tie_experts",
+]

@@ -1,0 +1,160 @@
+"""An MoE layer whose routed experts live in a (possibly shared) ExpertBank.
+
+``TiedMoE`` is torchtitan's ``MoE`` (its router, token reordering, expert-parallel
+dispatch and aux-loss-free expert bias are reused unchanged) with two additions:
+
+* its ``experts`` attribute is the layer's bank. The first layer of a tie group
+  registers the bank as a submodule; the other layers keep a plain attribute, so
+  ``state_dict()``, ``parameters()``, FSDP and DCP see each bank once.
+* it computes its own routing losses (load-balancing and router z-loss) from its
+  router's logits, because torchtitan 0.2.2's loss function only sees logits and
+  labels. ``model_routing_loss`` combines them; the trainer adds that to the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchtitan.models.moe import MoE, MoEArgs
+
+from ..tying import TieLayout
+from .bank import ExpertBank
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, e.g. when activation checkpointing
+    recomputes a forward: what it computes then is not the step's routing."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def routing_losses(
+    gate_logits: torch.Tensor,
+    num_tokens_per_expert: torch.Tensor,
+    top_k: int,
+    score_func: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balancing loss and router z-loss of one layer on one microbatch.
+
+    Args:
+        gate_logits: router logits, shape ``(tokens, experts)``.
+        num_tokens_per_expert: routed assignments per expert, shape ``(experts,)``
+            (sums to ``tokens * top_k``).
+
+    Returns ``(lb, z)`` with
+        lb = E * sum_i f_i * P_i, f_i = assignments to i / (tokens * top_k), P_i = mean
+             routing probability of i (Switch / megablocks convention: 1.0 when the
+             load is uniform; Hugging Face's OLMoE code reports top_k times this),
+        z  = mean over tokens of logsumexp(logits)^2.
+    """
+    logits_f32 = gate_logits.float()
+    num_tokens, num_experts = logits_f32.shape
+    if score_func == "softmax":
+        probs = F.softmax(logits_f32, dim=-1)
+    else:  # sigmoid routers: balance the normalised affinities (DeepSeek-V3's choice)
+        scores = torch.sigmoid(logits_f32)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    load_fraction = num_tokens_per_expert.detach().float() / (num_tokens * top_k)
+    lb = num_experts * torch.dot(load_fraction, probs.mean(dim=0))
+    z = torch.logsumexp(logits_f32, dim=-1).square().mean()
+    return lb, z
+
+
+class TiedMoE(MoE):
+    """torchtitan's MoE layer reading its routed experts from ``bank``.
+
+    Everything else (router, expert bias, token counts, shared experts) is this
+    layer's own, so load balancing works per layer over a shared bank.
+    """
+
+    def __init__(self, moe_args: MoEArgs, dim: int, bank: ExpertBank, layer_id: int):
+        super().__init__(
+            dataclasses.replace(moe_args, num_experts=bank.num_experts),
+            dim=dim,
+            hidden_dim=bank.hidden_dim,
+        )
+        # torchtitan built a private GroupedExperts; the bank replaces it.
+        del self.experts
+        self.layer_id = layer_id
+        self.owns_bank = bank.tie_group[0] == layer_id
+        if self.owns_bank:
+            self.experts = bank
+        else:
+            # A plain attribute, not a submodule: the bank is registered (and so
+            # saved, sharded and optimised) once, under the first layer of its group.
+            object.__setattr__(self, "experts", bank)
+
+        self.score_func = moe_args.score_func
+        # (lb, z) of the latest forward, attached to the graph; read by the trainer.
+        self.routing_losses: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gate_logits: torch.Tensor | None = None
+        self.router.gate.register_forward_hook(self._keep_gate_logits)
+        self.router.register_forward_hook(self._record_routing)
+
+    def _keep_gate_logits(self, gate: nn.Module, args, logits: torch.Tensor) -> None:
+        self._gate_logits = logits
+
+    def _record_routing(self, router: nn.Module, args, outputs) -> None:
+        _top_scores, _selected, num_tokens_per_expert = outputs
+        logits, self._gate_logits = self._gate_logits, None
+        # Computed during an activation-checkpointing recompute too: the recompute
+        # must save the same tensors as the forward. Kept only from the forward.
+        losses = routing_losses(logits, num_tokens_per_expert, self.router.top_k, self.score_func)
+        if not in_backward():
+            self.routing_losses = losses
+
+    def init_weights(self, init_std: float, buffer_device: torch.device) -> None:
+        if self.owns_bank:
+            super().init_weights(init_std, buffer_device)
+            return
+        # The bank was initialised by the first layer of its group (the paper's code
+        # aliases that layer's experts); initialising it again here would make the
+        # bank's init depend on the last layer of the group instead.
+        self.router.init_weights(init_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(init_std)
+        with torch.device(buffer_device):
+            self.tokens_per_expert = torch.zeros(self.experts.num_experts, dtype=torch.float32)
+            if self.load_balance_coeff is not None:
+                self.expert_bias = torch.zeros(self.experts.num_experts, dtype=torch.float32)
+
+    def extra_repr(self) -> str:
+        if self.owns_bank:
+            return ""
+        return f"experts -> bank {self.experts.bank_index} (owned by layers.{self.experts.tie_group[0]})"
+
+
+def tied_moe_layers(model: nn.Module) -> list[TiedMoE]:
+    return [m for m in model.modules() if isinstance(m, TiedMoE)]
+
+
+def model_routing_loss(
+    model: nn.Module, aux_loss_coeff: float, z_loss_coeff: float
+) -> torch.Tensor | None:
+    """aux_loss_coeff * mean_l lb_l + z_loss_coeff * mean_l z_l over the MoE layers of
+    the latest forward (averaged over layers as the paper's code does), or None when
+    both coefficients are zero or no forward has run. Consumes the stored losses."""
+    layers = tied_moe_layers(model)
+    losses = [m.routing_losses for m in layers if m.routing_losses is not None]
+    for m in layers:
+        m.routing_losses = None
+    if not losses or (aux_loss_coeff == 0 and z_loss_coeff == 0):
+        return None
+    lb = torch.stack([lb for lb, _ in losses]).mean()
+    z = torch.stack([z for _, z in losses]).mean()
+    return aux_loss_coeff * lb + z_loss_coeff * z
+
+
+def tie_experts(layers: nn.ModuleDict, layout: TieLayout, moe_args: MoEArgs, dim: int, hidden_dim: int) -> None:
+    """Give every MoE block in ``layers`` a ``TiedMoE`` reading its bank from ``layout``.
+
+    Each block's ``moe`` (built by torchtitan's block constructor) is replaced; the
+    bank of a group is created once and registered under the group's first layer.
+    """
+    for spec in layout.banks:
+        bank = ExpertBank(spec, dim, hidden_dim, moe_args.use_grouped_mm)
+        for layer_id in spec.layers:
+            layers[str(layer_id)].moe = TiedMoE(moe_args, dim, bank, layer_id)

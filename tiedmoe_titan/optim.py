@@ -1,0 +1,92 @@
+"""Optimizers for tied models: torchtitan's, plus bank learning-rate groups and a
+per-layer expert-bias update.
+
+* A bank shared by g layers receives the gradient of all g layers; ``[tying]
+  bank_lr_scale`` optionally scales its learning rate by 1/sqrt(g) or 1/g. This is
+  done with parameter groups, so the LR scheduler keeps the ratio at every step.
+* torchtitan 0.2.2's aux-loss-free expert-bias hook stops at the first MoE layer
+  without a coefficient; ours updates every layer that has a bias, each from its
+  own token counts, whatever bank it reads.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+
+from torchtitan.components.ft import FTManager
+from torchtitan.components.optimizer import build_optimizers, OptimizersContainer, OptimizersInBackwardContainer
+from torchtitan.config import Optimizer as OptimizerConfig
+from torchtitan.distributed import ParallelDims
+
+from .models.bank import ExpertBank
+from .models.moe import tied_moe_layers
+
+
+def bank_lr_scales(model: nn.Module) -> dict[nn.Parameter, float]:
+    """Learning-rate multiplier of each bank parameter whose multiplier is not 1."""
+    layout = model.model_args.tie_layout()
+    scales = {}
+    for bank in (m for m in model.modules() if isinstance(m, ExpertBank)):
+        scale = layout.lr_scale(layout.banks[bank.bank_index])
+        if scale != 1.0:
+            scales.update({p: scale for p in bank.parameters()})
+    return scales
+
+
+def split_bank_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Move bank parameters with an LR scale into their own groups (before any step)."""
+    scales = bank_lr_scales(model)
+    if not scales:
+        return
+    (group,) = optimizer.param_groups
+    by_scale: dict[float, list[nn.Parameter]] = defaultdict(list)
+    for p in group["params"]:
+        if p in scales:
+            by_scale[scales[p]].append(p)
+    group["params"] = [p for p in group["params"] if p not in scales]
+    for scale, params in sorted(by_scale.items()):
+        optimizer.add_param_group({"params": params, "lr": group["lr"] * scale})
+
+
+@torch.no_grad()
+def update_expert_biases(model_parts: list[nn.Module], parallel_dims: ParallelDims) -> None:
+    """Aux-loss-free load balancing (https://arxiv.org/abs/2408.15664), as torchtitan
+    computes it, for every MoE layer that has an expert bias."""
+    layers = [m for part in model_parts for m in tied_moe_layers(part) if m.load_balance_coeff is not None]
+    if not layers:
+        return
+    counts = torch.vstack([m.tokens_per_expert for m in layers])
+    loss_mesh = parallel_dims.get_optional_mesh("loss")
+    if loss_mesh is not None:
+        if isinstance(counts, DTensor):
+            counts = counts.redistribute(placements=[Replicate()] * counts.device_mesh.ndim).to_local()
+        else:
+            torch.distributed.all_reduce(counts, group=loss_mesh.get_group())
+    for layer, layer_counts in zip(layers, counts.float()):
+        delta = layer.load_balance_coeff * torch.sign(layer_counts.mean() - layer_counts)
+        layer.expert_bias.add_(delta - delta.mean())
+        layer.tokens_per_expert.zero_()
+
+
+def build_tied_optimizers(
+    model_parts: list[nn.Module],
+    optimizer_config: OptimizerConfig,
+    parallel_dims: ParallelDims,
+    ft_manager: FTManager | None = None,
+) -> OptimizersContainer:
+    optimizers = build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+    if isinstance(optimizers, OptimizersInBackwardContainer):
+        if any(bank_lr_scales(m) for m in model_parts):
+            raise ValueError(
+                "optimizer.early_step_in_backward = true cannot scale bank learning rates: "
+                "set tying.bank_lr_scale = \"none\" or early_step_in_backward = false"
+            )
+    else:
+        for model, optimizer in zip(model_parts, optimizers.optimizers):
+            split_bank_param_groups(model, optimizer)
+    optimizers.register_step_pre_hook(lambda *args, **kwargs: update_expert_biases(model_parts, parallel_dims))
+    return optimizers

@@ -1,0 +1,41 @@
+"""Train specs of the tied families, registered with torchtitan's registry."""
+
+from __future__ import annotations
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.protocols.train_spec import TrainSpec, register_train_spec, get_train_spec
+
+from .models import FAMILIES
+from .optim import build_tied_optimizers
+from .parallelize import parallelize_tied
+
+SPEC_PREFIX = "tiedmoe_"
+
+
+def train_spec(family: str) -> TrainSpec:
+    from .data import build_local_text_dataloader, build_local_validator
+    from .tokenizer import build_sentencepiece_tokenizer
+
+    model_cls, flavors = FAMILIES[family]
+    return TrainSpec(
+        model_cls=model_cls,
+        model_args=flavors,
+        parallelize_fn=parallelize_tied,
+        pipelining_fn=None,
+        build_optimizers_fn=build_tied_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_local_text_dataloader,
+        build_tokenizer_fn=build_sentencepiece_tokenizer,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_local_validator,
+    )
+
+
+def register_train_specs() -> None:
+    for family in FAMILIES:
+        name = SPEC_PREFIX + family
+        try:
+            get_train_spec(name)
+        except ValueError:
+            register_train_spec(name, train_spec(family))
