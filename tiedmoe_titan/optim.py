@@ -60,7 +60,8 @@ def update_expert_biases(model_parts: list[nn.Module], parallel_dims: ParallelDi
     if not layers:
         return
     counts = torch.vstack([m.tokens_per_expert for m in layers])
-    loss_mesh = parallel_dims.get_optional_mesh("loss")
+    # Counts are summed over the ranks that see different tokens (data and context parallel).
+    loss_mesh = parallel_dims.get_optional_mesh("loss") if parallel_dims.dp_cp_enabled else None
     if loss_mesh is not None:
         if isinstance(counts, DTensor):
             counts = counts.redistribute(placements=[Replicate()] * counts.device_mesh.ndim).to_local()

@@ -1,0 +1,91 @@
+"""``tiedmoe-train RECIPE.toml [--section.key value ...]``: train with torchtitan's Trainer.
+
+The trainer is torchtitan's, with one addition: the routers' auxiliary losses join
+the training loss (torchtitan 0.2.2's loss function only sees logits and labels).
+
+How the routing loss scales. torchtitan divides each microbatch's summed
+cross-entropy by the number of valid tokens in the whole global batch (all
+microbatches, all data-parallel ranks) and sums gradients over ranks. The routing
+loss of a microbatch (aux_loss_coeff x mean-over-layers load-balancing loss +
+z_loss_coeff x mean-over-layers z-loss, computed from that microbatch's routing on
+that rank) is weighted by its share of those tokens. The step therefore optimises
+the token-weighted mean over microbatches and ranks of the routing loss, which is the
+plain mean when microbatches are equally full, whatever the gradient-accumulation
+steps or data-parallel degree. The reported loss stays the cross-entropy alone
+(the routing loss contributes its gradient, not its value), so perplexities compare
+across recipes; routing losses are logged under ``moe/``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+
+import tiedmoe_titan  # noqa: F401  (CPU support, train specs)
+from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.tools.logging import init_logger, logger
+from torchtitan.train import Trainer
+
+from .config import parse_recipe
+from .models.moe import model_routing_loss
+
+USAGE = "usage: tiedmoe-train RECIPE.toml [--section.key value ...]"
+
+
+class TiedMoETrainer(Trainer):
+    def __init__(self, job_config):
+        super().__init__(job_config)
+        self.cross_entropy_fn = self.loss_fn
+        self.loss_fn = self.loss_with_routing
+
+    def loss_with_routing(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum = self.cross_entropy_fn(pred, labels)
+        routing = self.model_args.routing
+        (model,) = self.model_parts
+        routing_loss = model_routing_loss(model, routing.aux_loss_coeff, routing.z_loss_coeff)
+        if routing_loss is None:
+            return loss_sum
+        # The trainer divides by the global valid-token count: weight by this microbatch's share.
+        weighted = routing_loss * (labels != IGNORE_INDEX).sum()
+        return loss_sum + (weighted - weighted.detach())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Outside torchrun, run as a world of one on this machine."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(USAGE)
+    init_logger()
+    job_config = parse_recipe(argv[0], argv[1:])
+    _single_process_env()
+    trainer = None
+    try:
+        trainer = TiedMoETrainer(job_config)
+        trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    logger.info("Training finished")
+
+
+if __name__ == "__main__":
+    main()
