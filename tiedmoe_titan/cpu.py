@@ -1,6 +1,6 @@
 """Everything needed to run torchtitan 0.2.2 on a machine without an accelerator.
 
-torchtitan 0.2.2 assumes a GPU in four places. Each fix below only changes behaviour
+torchtitan 0.2.2 assumes a GPU in five places. Each fix below only changes behaviour
 in a case that would otherwise fail, and all of them live here:
 
 1. ``torchtitan.tools.utils`` falls back to ``device_type = "cuda"`` when no
@@ -16,6 +16,8 @@ in a case that would otherwise fail, and all of them live here:
    for CPU tensors.
 4. The grouped-mm expert path casts to bf16; on CPU families use the fp32 for-loop
    path (``use_grouped_mm = False``, see ``adapt_moe_args``).
+5. FSDP2 reduces gradients with ``PREMUL_SUM`` once torchtitan sets a divide factor,
+   which gloo lacks (``adapt_fsdp``).
 
 ``enable()`` runs when ``tiedmoe_titan`` is imported; it is idempotent.
 """
@@ -143,3 +145,15 @@ def adapt_moe_args(moe_args):
     if not has_accelerator() and moe_args.use_grouped_mm:
         return dataclasses.replace(moe_args, use_grouped_mm=False)
     return moe_args
+
+
+def adapt_fsdp(model: torch.nn.Module) -> None:
+    """gloo has no PREMUL_SUM, which FSDP2 uses for a gradient divide factor (torchtitan
+    sets 1.0): on CPU reduce with a plain SUM and divide afterwards (by 1, a no-op)."""
+    if has_accelerator():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)

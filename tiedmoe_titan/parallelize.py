@@ -1,39 +1,196 @@
-"""Parallelize function of the tied families.
+"""Parallelize function of the tied families: each bank is sharded once.
 
 An untied layout (G=1) is exactly torchtitan's model, so it goes through torchtitan's
-own ``parallelize_qwen3`` unchanged (TP, EP, CP, AC, compile, FSDP/HSDP, DDP).
-A tied layout must treat each bank as one object under FSDP and EP; until that
-plan exists, tied models train on a single process (activation checkpointing and
-compile still apply) and any data/expert/tensor/context parallelism is refused.
+own ``parallelize_qwen3`` unchanged. A tied layout gets the plan below.
+
+FSDP2 units of a tied model (innermost first)::
+
+    per block      fully_shard([attention_norm, attention, ffn_norm, moe.router, moe.shared_experts])
+                   everything of the block except the bank, on the dp mesh
+    per bank       fully_shard([block_a, block_b, ...])   the blocks of the bank's tie group
+                   what is left in them is exactly the bank (registered under block_a);
+                   on the efsdp mesh under expert parallelism
+    root           tok_embeddings, [norm, output], model
+
+Because the bank's unit spans its whole group, FSDP all-gathers the bank once before
+the group's first block runs forward and reshards it after the last one, all-gathers
+it once when backward reaches the group, and reduce-scatters its gradient once after
+the group's first block finishes backward. Per microbatch that is 2 all-gathers and 1
+reduce-scatter per bank, against one of each per MoE layer untied. (Letting the bank
+be its own unit would re-gather it for every layer of the group.)
+
+Expert parallelism places each bank's experts across the EP ranks once (torchtitan's
+``ExpertParallel`` hooks live on the bank module, so every layer of the group
+dispatches its tokens to the same placement).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import parallelize_module
 
-from torchtitan.config import JobConfig
+from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
-from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.expert_parallel import ExpertParallel
+from torchtitan.models.llama3.infra.parallelize import apply_ddp, disable_fsdp_gradient_division
+from torchtitan.models.llama4.infra.parallelize import apply_compile
+from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list, parallelize_qwen3
+
+from . import cpu
+from .tying import TieLayout
 
 
 class UnsupportedParallelism(ValueError):
-    pass
+    """A parallelism setting the tied plan cannot honour; one line naming the key."""
 
 
 def parallelize_tied(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
-    layout = model.model_args.tie_layout()
-    if layout.is_tied:
-        spread = {
-            "parallelism.data_parallel_shard_degree": parallel_dims.dp_shard,
-            "parallelism.data_parallel_replicate_degree": parallel_dims.dp_replicate,
-            "parallelism.expert_parallel_degree": parallel_dims.ep,
-            "parallelism.tensor_parallel_degree": parallel_dims.tp,
-            "parallelism.context_parallel_degree": parallel_dims.cp,
-        }
-        used = [f"{k} = {v}" for k, v in spread.items() if v > 1]
-        if used:
+    layout: TieLayout = model.model_args.tie_layout()
+    check_expert_parallel(layout, parallel_dims)
+    if not layout.is_tied:
+        parallelize_qwen3(model, parallel_dims, job_config)
+    else:
+        _refuse_unsupported(layout, parallel_dims, job_config)
+        _parallelize_tied_layout(model, layout, parallel_dims, job_config)
+    cpu.adapt_fsdp(model)
+    return model
+
+
+def check_expert_parallel(layout: TieLayout, parallel_dims: ParallelDims) -> None:
+    for bank in layout.banks:
+        if bank.num_experts % parallel_dims.ep:
             raise UnsupportedParallelism(
-                f"{', '.join(used)}: tied banks (tying.group_size = {layout.config.group_size}) "
-                "train on a single process in this version; set these degrees to 1 or tying.group_size = 1"
+                f"parallelism.expert_parallel_degree = {parallel_dims.ep} does not divide the {bank.num_experts} "
+                f"experts of bank {bank.index} (layers {list(bank.layers)}): choose a degree that divides "
+                f"every bank ({sorted({b.num_experts for b in layout.banks})})"
             )
-    return parallelize_qwen3(model, parallel_dims, job_config)
+
+
+def _refuse_unsupported(layout: TieLayout, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    tied = f"tied banks (tying.group_size = {layout.config.group_size})"
+    refusals = {
+        "parallelism.tensor_parallel_degree": parallel_dims.tp > 1,
+        "parallelism.context_parallel_degree": parallel_dims.cp > 1,
+        "model.converters (float8 / mx)": bool(job_config.model.converters),
+    }
+    for key, refused in refusals.items():
+        if refused:
+            raise UnsupportedParallelism(f"{key} is not supported with {tied} yet: turn it off or set tying.group_size = 1")
+
+
+def _parallelize_tied_layout(model, layout: TieLayout, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
+    if parallel_dims.ep_enabled:
+        ep_mesh = parallel_dims.get_mesh("ep")
+        for bank in banks_of(model):
+            parallelize_module(bank, ep_mesh, ExpertParallel())
+    if job_config.activation_checkpoint.mode != "none":
+        apply_ac(
+            model,
+            job_config.activation_checkpoint,
+            model_compile_enabled=compile_enabled,
+            op_sac_save_list=_op_sac_save_list,
+            base_folder=job_config.job.dump_folder,
+        )
+    if compile_enabled:
+        apply_compile(model, job_config.compile, parallel_dims.ep_enabled)
+
+    if parallel_dims.fsdp_enabled:
+        apply_tied_fsdp(model, layout, parallel_dims, job_config)
+    elif parallel_dims.dp_replicate_enabled:
+        # DDP all-reduces each parameter once: a bank is one parameter set already.
+        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_enabled)
+
+
+def banks_of(model: nn.Module) -> list[nn.Module]:
+    from .models.bank import ExpertBank
+
+    return [m for m in model.modules() if isinstance(m, ExpertBank)]
+
+
+def _unwrapped(block: nn.Module) -> nn.Module:
+    """The transformer block inside an activation-checkpoint wrapper, if any."""
+    return getattr(block, "_checkpoint_wrapped_module", block)
+
+
+def _non_bank_modules(block: nn.Module) -> list[nn.Module]:
+    """The children of a block that hold its parameters, except the bank."""
+    inner = _unwrapped(block)
+    modules = [m for name, m in inner.named_children() if name != "moe"]
+    if getattr(inner, "moe_enabled", False):
+        moe = inner.moe
+        modules += [m for name, m in moe.named_children() if name != "experts"]
+    return [m for m in modules if any(True for _ in m.parameters())]
+
+
+def apply_tied_fsdp(model: nn.Module, layout: TieLayout, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    training = job_config.training
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+        reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+    )
+    policy = job_config.parallelism.fsdp_reshard_after_forward
+    if policy not in ("default", "always", "never"):
+        raise UnsupportedParallelism(
+            f"parallelism.fsdp_reshard_after_forward = {policy!r}: must be default, always or never"
+        )
+    reshard = policy != "never"
+    dp_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    edp_names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
+    dp_config = {"mesh": parallel_dims.get_mesh(dp_names), "mp_policy": mp_policy}
+    if training.enable_cpu_offload:
+        dp_config["offload_policy"] = CPUOffloadPolicy()
+    bank_config = dict(dp_config)
+    if parallel_dims.ep_enabled:
+        bank_config["mesh"] = parallel_dims.get_mesh(edp_names)
+
+    fully_shard(model.tok_embeddings, **dp_config, reshard_after_forward=reshard)
+    layers = model.layers
+    block_units = {}
+    for layer_id, block in layers.items():
+        block_units[int(layer_id)] = _non_bank_modules(block)
+        fully_shard(block_units[int(layer_id)], **dp_config, reshard_after_forward=reshard)
+    efsdp = parallel_dims.get_mesh("efsdp").size() if parallel_dims.ep_enabled else 1
+    for bank in layout.banks:
+        placement = None
+        if efsdp * parallel_dims.ep > bank.num_experts:
+            # EP already shards experts on dim 0; shard the rest on dim 1, as torchtitan does.
+            placement = lambda param: Shard(1)  # noqa: E731
+        blocks = [layers[str(layer)] for layer in bank.layers]
+        fully_shard(blocks, **bank_config, reshard_after_forward=reshard, shard_placement_fn=placement)
+    fully_shard([model.norm, model.output], **dp_config, reshard_after_forward=policy == "always")
+    fully_shard(model, **dp_config)
+    # torchtitan normalises the loss by the global token count: FSDP must sum, not average.
+    disable_fsdp_gradient_division(model)
+    if parallel_dims.ep_enabled:
+        _set_explicit_prefetch(model, layout, block_units)
+
+
+def _set_explicit_prefetch(model, layout: TieLayout, block_units: dict[int, list[nn.Module]]) -> None:
+    """Expert parallelism syncs device and host, which stalls FSDP's implicit prefetch
+    (as torchtitan notes), so the next units are listed explicitly: while block i
+    computes, block i+1's units are gathered, including the bank of a group that
+    starts there (forward) or ends there (backward)."""
+    layers = model.layers
+    ids = sorted(block_units)
+    nonbank = {i: block_units[i][0] for i in ids}  # any module of a unit names the unit
+
+    def entered(i: int, at: str) -> list[FSDPModule]:
+        units = [nonbank[i]]
+        if i in layout.moe_layers:
+            group = layout.bank_of(i).layers
+            if i == (group[0] if at == "forward" else group[-1]):
+                units.insert(0, layers[str(i)])  # the bank's unit
+        return units
+
+    model.tok_embeddings.set_modules_to_forward_prefetch(entered(ids[0], "forward"))
+    for i, j in zip(ids, ids[1:]):
+        nonbank[i].set_modules_to_forward_prefetch(entered(j, "forward"))
+        nonbank[j].set_modules_to_backward_prefetch(entered(i, "backward"))
+    nonbank[ids[-1]].set_modules_to_forward_prefetch([model.norm])
+    model.norm.set_modules_to_backward_prefetch(entered(ids[-1], "backward"))
+    nonbank[ids[0]].set_modules_to_backward_prefetch([model.tok_embeddings])

@@ -1,0 +1,123 @@
+"""Shard-once FSDP2 + expert parallelism, proven with several gloo processes.
+
+Every layout trains 3 steps (2 microbatches each, routing losses and expert bias on)
+from the same saved initial weights on the same tokens as a single process; losses,
+first-step gradients and final weights must match, and the collectives each rank
+issues are counted at the process-group level.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiedmoe_titan.shard_check import CheckConfig, reference
+from tiedmoe_titan.tying import TieConfig
+
+UNTIED = {}
+TIED = {"group_size": 2, "untied_first": 2, "untied_last": 2}
+MOE_LAYERS, TIED_BANKS = 8, 6  # the debug flavor: 8 MoE layers; G=2 with 2+2 anchors -> 6 banks
+
+TWO_RANKS = {
+    "dp2_g1": {"dp_shard": 2, "tying": UNTIED},
+    "dp2_g2": {"dp_shard": 2, "tying": TIED},
+    "dp2_ep2_g1": {"dp_shard": 2, "ep": 2, "tying": UNTIED},
+    "dp2_ep2_g2": {"dp_shard": 2, "ep": 2, "tying": TIED},
+    "dp2_ep2_g2_full_ac": {"dp_shard": 2, "ep": 2, "tying": TIED, "activation_checkpoint": "full"},
+    "dp2_g2_olmoe_selective_ac": {"family": "olmoe", "dp_shard": 2, "tying": TIED, "activation_checkpoint": "selective"},
+}
+FOUR_RANKS = {
+    "dp4_ep2_g2": {"dp_shard": 4, "ep": 2, "tying": TIED},  # first: also round-tripped through DCP
+    "dp4_ep2_g1": {"dp_shard": 4, "ep": 2, "tying": UNTIED},
+    "hsdp2x2_g1": {"dp_replicate": 2, "dp_shard": 2, "tying": UNTIED},
+    "hsdp2x2_g2": {"dp_replicate": 2, "dp_shard": 2, "tying": TIED},
+}
+
+
+def launch(nproc: int, configs: dict, tmp_path_factory, dcp: bool = False) -> dict:
+    out = tmp_path_factory.mktemp(f"ranks{nproc}") / "results.pt"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "-m", "tiedmoe_titan.shard_check", "--configs", json.dumps(configs), "--out", str(out),
+    ]
+    if dcp:
+        cmd += ["--dcp-dir", str(out.parent / "dcp")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return launch(2, TWO_RANKS, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return launch(4, FOUR_RANKS, tmp_path_factory, dcp=True)
+
+
+def check_config(fields: dict) -> CheckConfig:
+    return CheckConfig(**{**fields, "tying": TieConfig(**fields["tying"])})
+
+
+def assert_matches_single_process(result: dict, fields: dict) -> None:
+    ref = reference(check_config(fields))
+    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    assert result["grads"].keys() == ref["grads"].keys()
+    for name, grad in ref["grads"].items():
+        scale = grad.abs().max().item() + 1e-12
+        assert (result["grads"][name] - grad).abs().max().item() / scale < 1e-5, name
+    for name, value in ref["state"].items():
+        torch.testing.assert_close(result["state"][name], value, rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", list(TWO_RANKS))
+def test_two_ranks_equal_single_process(two_ranks, name):
+    assert_matches_single_process(two_ranks[name], TWO_RANKS[name])
+
+
+@pytest.mark.parametrize("name", list(FOUR_RANKS))
+def test_four_ranks_equal_single_process(four_ranks, name):
+    assert_matches_single_process(four_ranks[name], FOUR_RANKS[name])
+
+
+def expert_collectives(result: dict, op: str, efsdp_size: int) -> list[list[int]]:
+    """Per step, the byte sizes of ``op`` on the expert (efsdp) process group."""
+    return [[b for o, size, b in calls if o == op and size == efsdp_size] for calls in result["collectives"]]
+
+
+def test_bank_collectives_once_per_group(four_ranks):
+    tied, untied = four_ranks["dp4_ep2_g2"], four_ranks["dp4_ep2_g1"]
+    microbatches, efsdp = 2, 2  # dp_shard 4 / ep 2
+    for steps_tied, steps_untied in zip(expert_collectives(tied, "allgather_base", efsdp), expert_collectives(untied, "allgather_base", efsdp)):
+        # Forward + backward: 2 all-gathers per bank per microbatch, against 2 per MoE layer untied.
+        assert len(steps_tied) == 2 * TIED_BANKS * microbatches
+        assert len(steps_untied) == 2 * MOE_LAYERS * microbatches
+        assert sum(steps_tied) * MOE_LAYERS == sum(steps_untied) * TIED_BANKS
+    for rs_tied, rs_untied in zip(expert_collectives(tied, "reduce_scatter_base", efsdp), expert_collectives(untied, "reduce_scatter_base", efsdp)):
+        assert len(rs_tied) == TIED_BANKS * microbatches
+        assert len(rs_untied) == MOE_LAYERS * microbatches
+    # Token dispatch is per layer either way: every layer of a group all-to-alls to the same bank.
+    a2a = [sum(1 for o, _, _ in calls if o == "all_to_all_single") for calls in tied["collectives"]]
+    assert a2a == [sum(1 for o, _, _ in calls if o == "all_to_all_single") for calls in untied["collectives"]]
+    assert a2a[0] > 0
+
+
+def test_each_rank_holds_each_bank_once(four_ranks):
+    tied, untied = four_ranks["dp4_ep2_g2"]["expert_memory"], four_ranks["dp4_ep2_g1"]["expert_memory"]
+    # Parameters, gradients and AdamW state of routed experts: one copy per bank, not per layer.
+    for kind in ("params", "grads", "optimizer"):
+        assert tied[kind] * MOE_LAYERS == untied[kind] * TIED_BANKS, kind
+    # And each rank holds 1/(ep x efsdp) of every bank: 8 layers x 3 weights x 8 experts x 128 x 64 fp32.
+    assert untied["params"] == MOE_LAYERS * 3 * 8 * 128 * 64 * 4 // 4
+
+
+def test_dcp_checkpoint_holds_each_bank_once(four_ranks):
+    dcp = four_ranks["dp4_ep2_g2"]["dcp"]
+    assert dcp["identical"]
+    expert_keys = sorted(k for k in dcp["keys"] if ".moe.experts." in k)
+    owners = (0, 1, 2, 4, 6, 7)
+    assert expert_keys == sorted(f"layers.{i}.moe.experts.{w}" for i in owners for w in ("w1", "w2", "w3"))

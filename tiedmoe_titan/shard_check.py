@@ -1,0 +1,327 @@
+"""Train a tied model for a few steps under a parallel layout and report what happened.
+
+Used by the distributed tests and ``benchmarks/shard_once.py``; also a quick check
+for a user's own layout. It drives the same pieces as ``tiedmoe-train`` (the family's
+model, ``parallelize_tied``, ``build_tied_optimizers``, the trainer's loss
+normalisation with routing losses) on synthetic tokens, so runs with different
+layouts see exactly the same data:
+
+* the global batch of a step is split into ``pieces = data-parallel ranks x
+  microbatches``; rank r runs pieces r*M .. r*M+M-1 as its microbatches;
+* every piece's loss is (summed cross-entropy + token-weighted routing loss) divided
+  by the global batch's token count, as torchtitan's trainer does;
+* ``reference`` runs the same pieces one after another in a single process.
+
+Run under torchrun: ``torchrun --nproc-per-node 4 -m tiedmoe_titan.shard_check
+--configs '{"g2": {"dp_shard": 4, "ep": 2, "tying": {"group_size": 2}}}' --out result.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tiedmoe_titan  # noqa: F401  (CPU support)
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+
+from .models import FAMILIES
+from .models.bank import ExpertBank
+from .models.moe import model_routing_loss
+from .optim import build_tied_optimizers
+from .parallelize import parallelize_tied
+from .tying import TieConfig
+
+
+@dataclass
+class CheckConfig:
+    family: str = "qwen3"
+    flavor: str = "debug"
+    tying: TieConfig = field(default_factory=lambda: TieConfig(group_size=2, untied_first=2, untied_last=2))
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 1e-4
+    expert_bias_rate: float = 1e-3
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    ep: int = 1
+    steps: int = 3
+    microbatches: int = 2
+    batch: int = 2
+    seq_len: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    activation_checkpoint: str = "none"
+    model_overrides: dict = field(default_factory=dict)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_shard * self.dp_replicate
+
+
+# ---- model and data ----------------------------------------------------------------
+
+
+def model_args(cfg: CheckConfig):
+    args = copy.deepcopy(FAMILIES[cfg.family][1][cfg.flavor])
+    args.tying = dataclasses.replace(cfg.tying)
+    args.routing = dataclasses.replace(
+        args.routing, aux_loss_coeff=cfg.aux_loss_coeff, z_loss_coeff=cfg.z_loss_coeff, expert_bias_rate=cfg.expert_bias_rate
+    )
+    for key, value in cfg.model_overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def initial_state(cfg: CheckConfig) -> dict[str, torch.Tensor]:
+    """The full initial weights every run starts from (DTensor init is not reproducible
+    across layouts, so runs load these instead of initialising themselves)."""
+    model = FAMILIES[cfg.family][0](model_args(cfg))
+    torch.manual_seed(cfg.seed)
+    with torch.no_grad():
+        model.init_weights()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def batches(cfg: CheckConfig, world_pieces: int) -> torch.Tensor:
+    """Token ids of shape (steps, pieces, batch, seq_len + 1)."""
+    vocab = model_args(cfg).vocab_size
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    return torch.randint(0, vocab, (cfg.steps, world_pieces, cfg.batch, cfg.seq_len + 1), generator=g)
+
+
+def job_config(cfg: CheckConfig) -> JobConfig:
+    job = JobConfig()
+    job.parallelism.data_parallel_shard_degree = cfg.dp_shard
+    job.parallelism.data_parallel_replicate_degree = cfg.dp_replicate
+    job.parallelism.expert_parallel_degree = cfg.ep
+    job.training.mixed_precision_param = "float32"
+    job.training.mixed_precision_reduce = "float32"
+    job.activation_checkpoint.mode = cfg.activation_checkpoint
+    job.optimizer.lr = cfg.lr
+    job.optimizer.implementation = "for-loop"
+    job.comm.init_timeout_seconds = 300
+    return job
+
+
+def parallel_dims(cfg: CheckConfig, world_size: int) -> ParallelDims:
+    return ParallelDims(
+        dp_shard=cfg.dp_shard, dp_replicate=cfg.dp_replicate, cp=1, tp=1, pp=1, ep=cfg.ep, etp=1, world_size=world_size
+    )
+
+
+# ---- counting collectives ----------------------------------------------------------
+
+
+COLLECTIVES = ("allgather_base", "reduce_scatter_base", "allreduce", "all_to_all_single", "alltoall_base", "broadcast")
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Every c10d collective issued while active: op name, process-group size, bytes
+    of its first tensor argument (the gathered output of an all-gather, the unreduced
+    input of a reduce-scatter, the input of an all-to-all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional") and func.__name__.split(".")[0].strip("_") in COLLECTIVES:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+            first = tensors[0] if tensors else lists[0][0]
+            self.calls.append((func.__name__.split(".")[0].strip("_"), _group_size(args), first.numel() * first.element_size()))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, op_prefix: str, nbytes: int | None = None) -> int:
+        return sum(1 for op, _, b in self.calls if op.startswith(op_prefix) and (nbytes is None or b == nbytes))
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(op for op, _, _ in self.calls))
+
+
+def _group_size(args) -> int:
+    for a in args:
+        if isinstance(a, torch.ScriptObject):  # c10d ops carry the ProcessGroup boxed
+            return dist.ProcessGroup.unbox(a).size()
+        if isinstance(a, str):  # functional collectives carry the group's name
+            return dist.distributed_c10d._resolve_process_group(a).size()
+    return -1
+
+
+# ---- one training step -------------------------------------------------------------
+
+
+def piece_loss(model, tokens: torch.Tensor, global_tokens: int, routing) -> torch.Tensor:
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs)
+    ce_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    routing_loss = model_routing_loss(model, routing.aux_loss_coeff, routing.z_loss_coeff)
+    if routing_loss is not None:
+        weighted = routing_loss * labels.numel()
+        ce_sum = ce_sum + (weighted - weighted.detach())
+    return ce_sum / global_tokens
+
+
+def run_step(model, optimizers, pieces: torch.Tensor, global_tokens: int) -> float:
+    optimizers.zero_grad()
+    loss = 0.0
+    for piece in pieces:
+        piece_l = piece_loss(model, piece, global_tokens, model.model_args.routing)
+        piece_l.backward()
+        loss += piece_l.item()
+    optimizers.step()
+    return loss
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        g = p.grad
+        out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+    return out
+
+
+def expert_memory(model, optimizers) -> dict[str, int]:
+    """Bytes of routed-expert parameters, gradients and optimizer state held on this rank."""
+    params = [p for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()]
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    param_bytes = sum(local(p).numel() * local(p).element_size() for p in params)
+    grad_bytes = sum(local(p.grad).numel() * local(p.grad).element_size() for p in params if p.grad is not None)
+    state_bytes = 0
+    for opt in optimizers.optimizers:
+        for p in params:
+            for value in opt.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    state_bytes += local(value).numel() * local(value).element_size()
+    return {"params": param_bytes, "grads": grad_bytes, "optimizer": state_bytes, "total": param_bytes + grad_bytes + state_bytes}
+
+
+def reference(cfg: CheckConfig) -> dict:
+    """The single-process run: all pieces of each step, one after another."""
+    model = FAMILIES[cfg.family][0](model_args(cfg))
+    model.load_state_dict(initial_state(cfg))
+    dims = parallel_dims(dataclasses.replace(cfg, dp_shard=1, dp_replicate=1, ep=1), 1)
+    optimizers = build_tied_optimizers([model], job_config(cfg).optimizer, dims)
+    data = batches(cfg, cfg.dp * cfg.microbatches)
+    global_tokens = data[0, :, :, 1:].numel()
+    losses, first_grads = [], None
+    for step in range(cfg.steps):
+        losses.append(run_step(model, optimizers, data[step], global_tokens))
+        if first_grads is None:
+            first_grads = full_grads(model)
+    return {"losses": losses, "grads": first_grads, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def distributed(cfg: CheckConfig) -> dict:
+    """This rank's part of the run under ``cfg``'s layout (torch.distributed initialised)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dims = parallel_dims(cfg, world)
+    job = job_config(cfg)
+    with torch.device("meta"):
+        model = FAMILIES[cfg.family][0](model_args(cfg))
+    parallelize_tied(model, dims, job)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights()  # buffers (rope cache, expert bias); weights come next
+    set_model_state_dict(model, initial_state(cfg), options=StateDictOptions(full_state_dict=True))
+    optimizers = build_tied_optimizers([model], job.optimizer, dims)
+
+    batch_mesh = dims.get_mesh("batch") if dims.dp_enabled else None
+    dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
+    data = batches(cfg, cfg.dp * cfg.microbatches)
+    global_tokens = data[0, :, :, 1:].numel()
+    mine = slice(dp_rank * cfg.microbatches, (dp_rank + 1) * cfg.microbatches)
+
+    losses, first_grads, counters, step_times = [], None, [], []
+    for step in range(cfg.steps):
+        counter = CollectiveCounter()
+        start = time.perf_counter()
+        with counter:
+            local_loss = run_step(model, optimizers, data[step, mine], global_tokens)
+        step_times.append(time.perf_counter() - start)
+        counters.append(counter)
+        total = torch.tensor(local_loss, dtype=torch.float64)
+        if batch_mesh is not None:
+            dist.all_reduce(total, group=batch_mesh.get_group())
+        losses.append(total.item())
+        if first_grads is None:
+            first_grads = full_grads(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {
+        "losses": losses,
+        "grads": first_grads,
+        "state": {k: v.detach().clone() for k, v in state.items()},
+        "expert_memory": expert_memory(model, optimizers),
+        "collectives": [c.calls for c in counters],
+        "step_time_median": statistics.median(step_times),
+        "model": model,
+        "optimizers": optimizers,
+        "parallel_dims": dims,
+    }
+
+
+def dcp_roundtrip(result: dict, cfg: CheckConfig, directory: str) -> dict:
+    """Save the sharded model with DCP, reload it into a freshly sharded model, and
+    report the stored keys and whether every local shard came back bit-identical."""
+    import torch.distributed.checkpoint as dcp
+
+    model = result["model"]
+    saved = get_model_state_dict(model)
+    dcp.save(saved, checkpoint_id=directory)
+    with torch.device("meta"):
+        fresh = FAMILIES[cfg.family][0](model_args(cfg))
+    parallelize_tied(fresh, result["parallel_dims"], job_config(cfg))
+    fresh.to_empty(device="cpu")
+    loaded = get_model_state_dict(fresh)
+    dcp.load(loaded, checkpoint_id=directory)
+    set_model_state_dict(fresh, loaded)
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    after = get_model_state_dict(fresh)
+    identical = all(torch.equal(local(saved[k]), local(after[k])) for k in saved)
+    keys = list(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
+    return {"identical": identical, "keys": keys}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run several layouts in one launch; rank 0 saves {name: result} to --out."""
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", required=True, help='JSON: {"name": {CheckConfig fields, "tying": {...}}}')
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dcp-dir", help="also round-trip the first config through DCP here")
+    a = parser.parse_args(argv)
+    dist.init_process_group("gloo")
+    results = {}
+    for i, (name, fields) in enumerate(json.loads(a.configs).items()):
+        cfg = CheckConfig(**{**fields, "tying": TieConfig(**fields.get("tying", {}))})
+        result = distributed(cfg)
+        if a.dcp_dir and i == 0:
+            result["dcp"] = dcp_roundtrip(result, cfg, a.dcp_dir)
+        results[name] = {k: v for k, v in result.items() if k not in ("model", "optimizers", "parallel_dims")}
+    if dist.get_rank() == 0:
+        torch.save(results, a.out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
