@@ -104,3 +104,17 @@ def test_cli_json_and_exit_code():
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "tying.untied_first" in bad.stderr
+
+
+def test_real_scale_shard_dry_run_on_64_fake_ranks():
+    """OLMoE-1B-7B, G=4 with 2+2 anchors, 64 ranks with EP=8, on torchtitan's fake backend:
+    each rank holds 1/64 of every bank once, 7/16 of the untied expert bytes."""
+    from tiedmoe_titan.plan import shard_dry_run
+
+    layout = ["--model.flavor", "1B-7B", "--parallelism.data_parallel_shard_degree", "64", "--parallelism.expert_parallel_degree", "8"]
+    tied_cfg = parse_recipe(RECIPE, [*layout, "--tying.group_size", "4"])
+    untied_cfg = parse_recipe(RECIPE, [*layout, "--tying.group_size", "1"])
+    tied, untied = shard_dry_run(tied_cfg, 64), shard_dry_run(untied_cfg, 64)
+    assert tied["per_rank_expert_param_bytes"] == plan(tied_cfg)["expert_params"] * 4 // 64
+    assert tied["per_rank_expert_param_bytes"] * 16 == untied["per_rank_expert_param_bytes"] * 7
+    assert tied["per_rank_other_param_bytes"] == untied["per_rank_other_param_bytes"]

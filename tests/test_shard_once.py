@@ -26,8 +26,12 @@ TWO_RANKS = {
     "dp2_ep2_g1": {"dp_shard": 2, "ep": 2, "tying": UNTIED},
     "dp2_ep2_g2": {"dp_shard": 2, "ep": 2, "tying": TIED},
     "dp2_ep2_g2_full_ac": {"dp_shard": 2, "ep": 2, "tying": TIED, "activation_checkpoint": "full"},
-    "dp2_g2_olmoe_selective_ac": {"family": "olmoe", "dp_shard": 2, "tying": TIED, "activation_checkpoint": "selective"},
+    "dp2_g2_olmoe_compile_selective_ac": {
+        "family": "olmoe", "dp_shard": 2, "tying": TIED, "activation_checkpoint": "selective", "compile_backend": "aot_eager",
+    },
+    "dp2_ep2_g2_compile": {"dp_shard": 2, "ep": 2, "tying": TIED, "compile_backend": "aot_eager"},
 }
+BF16 = {"dp2_g2_bf16": {"dp_shard": 2, "tying": TIED, "mixed_precision_param": "bfloat16"}}
 FOUR_RANKS = {
     "dp4_ep2_g2": {"dp_shard": 4, "ep": 2, "tying": TIED},  # first: also round-tripped through DCP
     "dp4_ep2_g1": {"dp_shard": 4, "ep": 2, "tying": UNTIED},
@@ -51,7 +55,7 @@ def launch(nproc: int, configs: dict, tmp_path_factory, dcp: bool = False) -> di
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return launch(2, TWO_RANKS, tmp_path_factory)
+    return launch(2, {**TWO_RANKS, **BF16}, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,13 @@ def assert_matches_single_process(result: dict, fields: dict) -> None:
 @pytest.mark.parametrize("name", list(TWO_RANKS))
 def test_two_ranks_equal_single_process(two_ranks, name):
     assert_matches_single_process(two_ranks[name], TWO_RANKS[name])
+
+
+def test_bf16_params_fp32_reduce_close_to_fp32(two_ranks):
+    """bf16 all-gathered parameters, fp32 gradient reduction: close to the fp32 run."""
+    fields = BF16["dp2_g2_bf16"]
+    ref = reference(check_config({**fields, "mixed_precision_param": "float32"}))
+    assert two_ranks["dp2_g2_bf16"]["losses"] == pytest.approx(ref["losses"], rel=2e-3)
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))

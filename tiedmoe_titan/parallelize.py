@@ -51,6 +51,10 @@ class UnsupportedParallelism(ValueError):
 def parallelize_tied(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     layout: TieLayout = model.model_args.tie_layout()
     check_expert_parallel(layout, parallel_dims)
+    if parallel_dims.tp > 1 and model.tensor_parallel_refusal:
+        raise UnsupportedParallelism(
+            f"parallelism.tensor_parallel_degree = {parallel_dims.tp}: {model.tensor_parallel_refusal}; set it to 1"
+        )
     if not layout.is_tied:
         parallelize_qwen3(model, parallel_dims, job_config)
     else:

@@ -20,6 +20,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 
 from .config import parse_recipe
 from .models.accounting import ParamCounts, count_params
+from .parallelize import UnsupportedParallelism
 from .tying import TieConfig, TieConfigError
 
 
@@ -60,6 +61,49 @@ def plan(job_config) -> dict:
     }
 
 
+def shard_dry_run(job_config, world_size: int) -> dict:
+    """Build the model on the meta device, shard it with the project's parallelize
+    function on ``world_size`` simulated ranks (torchtitan's fake communication
+    backend: collectives are no-ops) and report what one rank holds. Nothing the size
+    of the model is allocated."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed.utils import init_fake_mode
+
+    from .models.bank import ExpertBank
+
+    spec = get_train_spec(job_config.model.name)
+    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    args.update_from_config(job_config)
+    p = job_config.parallelism
+    dims = ParallelDims(
+        dp_shard=p.data_parallel_shard_degree, dp_replicate=p.data_parallel_replicate_degree,
+        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
+        ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=world_size,
+    )
+    init_fake_mode(world_size, "fake_backend")
+    try:
+        with torch.device("meta"):
+            model = spec.model_cls(args)
+        spec.parallelize_fn(model, dims, job_config)
+        expert_ids = {id(q) for m in model.modules() if isinstance(m, ExpertBank) for q in m.parameters()}
+        per_rank = {"expert": 0, "other": 0}
+        for param in model.parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            per_rank["expert" if id(param) in expert_ids else "other"] += local.numel() * local.element_size()
+    finally:
+        dist.destroy_process_group()
+    return {
+        "world_size": world_size,
+        "mesh": {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "ep": dims.ep, "tp": dims.tp},
+        "per_rank_expert_param_bytes": per_rank["expert"],
+        "per_rank_other_param_bytes": per_rank["other"],
+        "per_rank_param_bytes": per_rank["expert"] + per_rank["other"],
+    }
+
+
 def _human(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -88,13 +132,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tiedmoe-plan", description=__doc__.split("\n\n")[1])
     parser.add_argument("recipe")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--shard-dry-run", type=int, metavar="WORLD_SIZE",
+        help="also shard the model on this many simulated ranks (fake backend) and report one rank's bytes",
+    )
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        p = plan(parse_recipe(args.recipe, overrides))
-    except TieConfigError as e:
+        job_config = parse_recipe(args.recipe, overrides)
+        p = plan(job_config)
+        if args.shard_dry_run:
+            p["shard_dry_run"] = shard_dry_run(job_config, args.shard_dry_run)
+    except (TieConfigError, UnsupportedParallelism) as e:
         print(f"tiedmoe-plan: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    print(json.dumps(p) if args.json else format_plan(p))
+    if args.json:
+        print(json.dumps(p))
+        return
+    print(format_plan(p))
+    if args.shard_dry_run:
+        d = p["shard_dry_run"]
+        print(
+            f"per rank of {d['world_size']} ({d['mesh']}): parameters {_human(d['per_rank_param_bytes'])}B "
+            f"(routed experts {_human(d['per_rank_expert_param_bytes'])}B)"
+        )
 
 
 if __name__ == "__main__":

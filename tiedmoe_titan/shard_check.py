@@ -19,6 +19,7 @@ Run under torchrun: ``torchrun --nproc-per-node 4 -m tiedmoe_titan.shard_check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import statistics
@@ -63,6 +64,8 @@ class CheckConfig:
     lr: float = 1e-3
     seed: int = 0
     activation_checkpoint: str = "none"
+    mixed_precision_param: str = "float32"
+    compile_backend: str = ""  # e.g. "aot_eager": torch.compile each block with this backend
     model_overrides: dict = field(default_factory=dict)
 
     @property
@@ -106,9 +109,12 @@ def job_config(cfg: CheckConfig) -> JobConfig:
     job.parallelism.data_parallel_shard_degree = cfg.dp_shard
     job.parallelism.data_parallel_replicate_degree = cfg.dp_replicate
     job.parallelism.expert_parallel_degree = cfg.ep
-    job.training.mixed_precision_param = "float32"
+    job.training.mixed_precision_param = cfg.mixed_precision_param
     job.training.mixed_precision_reduce = "float32"
     job.activation_checkpoint.mode = cfg.activation_checkpoint
+    job.compile.enable = bool(cfg.compile_backend)
+    job.compile.components = ["model"]
+    job.compile.backend = cfg.compile_backend or "inductor"
     job.optimizer.lr = cfg.lr
     job.optimizer.implementation = "for-loop"
     job.comm.init_timeout_seconds = 300
@@ -188,7 +194,8 @@ def run_step(model, optimizers, pieces: torch.Tensor, global_tokens: int) -> flo
 def full_grads(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
-        name = name.replace("_checkpoint_wrapped_module.", "")
+        # The names of the unwrapped model (no activation-checkpoint / compile wrappers).
+        name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
         g = p.grad
         out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
     return out
@@ -252,7 +259,8 @@ def distributed(cfg: CheckConfig) -> dict:
     for step in range(cfg.steps):
         counter = CollectiveCounter()
         start = time.perf_counter()
-        with counter:
+        # torch.compile refuses to trace under a user dispatch mode: no counts then.
+        with counter if not cfg.compile_backend else contextlib.nullcontext():
             local_loss = run_step(model, optimizers, data[step, mine], global_tokens)
         step_times.append(time.perf_counter() - start)
         counters.append(counter)

@@ -63,6 +63,17 @@ def routing_losses(
     return lb, z
 
 
+class LogitsKeepingLinear(nn.Linear):
+    """The router's gate; keeps its latest output (the router logits) for the routing
+    losses. An attribute rather than a hook, so torch.compile of the router traces it."""
+
+    logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.logits = super().forward(x)
+        return self.logits
+
+
 class TiedMoE(MoE):
     """torchtitan's MoE layer reading its routed experts from ``bank``.
 
@@ -90,21 +101,21 @@ class TiedMoE(MoE):
         self.score_func = moe_args.score_func
         # (lb, z) of the latest forward, attached to the graph; read by the trainer.
         self.routing_losses: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._gate_logits: torch.Tensor | None = None
-        self.router.gate.register_forward_hook(self._keep_gate_logits)
-        self.router.register_forward_hook(self._record_routing)
+        gate = self.router.gate
+        self.router.gate = LogitsKeepingLinear(gate.in_features, gate.out_features, bias=gate.bias is not None)
 
-    def _keep_gate_logits(self, gate: nn.Module, args, logits: torch.Tensor) -> None:
-        self._gate_logits = logits
-
-    def _record_routing(self, router: nn.Module, args, outputs) -> None:
-        _top_scores, _selected, num_tokens_per_expert = outputs
-        logits, self._gate_logits = self._gate_logits, None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torchtitan's MoE adds this forward's routed assignments to tokens_per_expert.
+        counted_before = self.tokens_per_expert.clone()
+        out = super().forward(x)
+        gate = self.router.gate
+        logits, gate.logits = gate.logits, None
         # Computed during an activation-checkpointing recompute too: the recompute
         # must save the same tensors as the forward. Kept only from the forward.
-        losses = routing_losses(logits, num_tokens_per_expert, self.router.top_k, self.score_func)
+        losses = routing_losses(logits, self.tokens_per_expert - counted_before, self.router.top_k, self.score_func)
         if not in_backward():
             self.routing_losses = losses
+        return out
 
     def init_weights(self, init_std: float, buffer_device: torch.device) -> None:
         if self.owns_bank:

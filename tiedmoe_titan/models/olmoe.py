@@ -46,6 +46,8 @@ class OlmoeAttention(Attention):
 
 
 class TiedOlmoeModel(TiedQwen3Model):
+    tensor_parallel_refusal = "OLMoE's full-width QK-norm would normalise each tensor-parallel shard on its own"
+
     def __init__(self, model_args: TiedQwen3ModelArgs):
         super().__init__(model_args)
         for block in self.layers.values():

@@ -27,6 +27,8 @@ class TiedQwen3ModelArgs(TiedMoEArgs, Qwen3ModelArgs):
 class TiedQwen3Model(Qwen3Model):
     """torchtitan's Qwen3Model whose MoE layers read their experts from banks."""
 
+    tensor_parallel_refusal: str | None = None  # why torchtitan's TP plan would be wrong, if it would
+
     def __init__(self, model_args: TiedQwen3ModelArgs):
         super().__init__(model_args)
         if model_args.moe_enabled:
