@@ -23,6 +23,7 @@ def test_expert_parallel_must_divide_every_bank():
     [
         (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree"),
         (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree"),
+        (["--parallelism.data_parallel_shard_degree", "1", "--parallelism.data_parallel_replicate_degree", "4"], "(DDP)"),
     ],
 )
 def test_unsupported_parallelism_is_refused_for_tied_banks(overrides, key):

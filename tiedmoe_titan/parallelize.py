@@ -36,7 +36,7 @@ from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.expert_parallel import ExpertParallel
-from torchtitan.models.llama3.infra.parallelize import apply_ddp, disable_fsdp_gradient_division
+from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
 from torchtitan.models.llama4.infra.parallelize import apply_compile
 from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list, parallelize_qwen3
 
@@ -80,6 +80,11 @@ def _refuse_unsupported(layout: TieLayout, parallel_dims: ParallelDims, job_conf
         "parallelism.tensor_parallel_degree": parallel_dims.tp > 1,
         "parallelism.context_parallel_degree": parallel_dims.cp > 1,
         "model.converters (float8 / mx)": bool(job_config.model.converters),
+        # torchtitan's DDP averages gradients while its loss is already divided by the
+        # global token count (FSDP is set to sum); HSDP (dp_shard > 1) has no such issue.
+        "parallelism.data_parallel_replicate_degree without data_parallel_shard_degree (DDP)": (
+            parallel_dims.dp_replicate_enabled and not parallel_dims.fsdp_enabled
+        ),
     }
     for key, refused in refusals.items():
         if refused:
@@ -105,9 +110,6 @@ def _parallelize_tied_layout(model, layout: TieLayout, parallel_dims: ParallelDi
 
     if parallel_dims.fsdp_enabled:
         apply_tied_fsdp(model, layout, parallel_dims, job_config)
-    elif parallel_dims.dp_replicate_enabled:
-        # DDP all-reduces each parameter once: a bank is one parameter set already.
-        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_enabled)
 
 
 def banks_of(model: nn.Module) -> list[nn.Module]:

@@ -19,12 +19,11 @@ Run under torchrun: ``torchrun --nproc-per-node 4 -m tiedmoe_titan.shard_check
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import copy
 import dataclasses
-import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +66,7 @@ class CheckConfig:
     mixed_precision_param: str = "float32"
     compile_backend: str = ""  # e.g. "aot_eager": torch.compile each block with this backend
     model_overrides: dict = field(default_factory=dict)
+    timing: bool = False  # measure memory and step time (see ``distributed``) instead of counting every step
 
     @property
     def dp(self) -> int:
@@ -83,7 +83,9 @@ def model_args(cfg: CheckConfig):
         args.routing, aux_loss_coeff=cfg.aux_loss_coeff, z_loss_coeff=cfg.z_loss_coeff, expert_bias_rate=cfg.expert_bias_rate
     )
     for key, value in cfg.model_overrides.items():
-        setattr(args, key, value)
+        current = getattr(args, key)
+        # A dict updates a nested config (e.g. {"moe_args": {"num_experts": 64}}).
+        setattr(args, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
     return args
 
 
@@ -127,6 +129,12 @@ def parallel_dims(cfg: CheckConfig, world_size: int) -> ParallelDims:
     )
 
 
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 # ---- counting collectives ----------------------------------------------------------
 
 
@@ -134,9 +142,9 @@ COLLECTIVES = ("allgather_base", "reduce_scatter_base", "allreduce", "all_to_all
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Every c10d collective issued while active: op name, process-group size, bytes
-    of its first tensor argument (the gathered output of an all-gather, the unreduced
-    input of a reduce-scatter, the input of an all-to-all)."""
+    """Every c10d collective issued while active: op name, process-group size, and the
+    bytes of its largest tensor argument (the gathered output of an all-gather, the
+    unreduced input of a reduce-scatter: the unit's unsharded size)."""
 
     def __init__(self):
         super().__init__()
@@ -145,16 +153,11 @@ class CollectiveCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace in ("c10d", "_c10d_functional") and func.__name__.split(".")[0].strip("_") in COLLECTIVES:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
-            first = tensors[0] if tensors else lists[0][0]
-            self.calls.append((func.__name__.split(".")[0].strip("_"), _group_size(args), first.numel() * first.element_size()))
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            nbytes = max(t.numel() * t.element_size() for t in tensors)
+            self.calls.append((func.__name__.split(".")[0].strip("_"), _group_size(args), nbytes))
         return func(*args, **(kwargs or {}))
 
-    def count(self, op_prefix: str, nbytes: int | None = None) -> int:
-        return sum(1 for op, _, b in self.calls if op.startswith(op_prefix) and (nbytes is None or b == nbytes))
-
-    def summary(self) -> dict[str, int]:
-        return dict(Counter(op for op, _, _ in self.calls))
 
 
 def _group_size(args) -> int:
@@ -197,8 +200,27 @@ def full_grads(model) -> dict[str, torch.Tensor]:
         # The names of the unwrapped model (no activation-checkpoint / compile wrappers).
         name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
         g = p.grad
-        out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+        out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
     return out
+
+
+def expert_unit_bytes(model) -> set[int]:
+    """Unsharded byte sizes of the FSDP units that hold routed experts: a collective of
+    one of these sizes moves expert weights or gradients (bank units in a tied plan;
+    with torchtitan's untied plan without EP, the whole block unit)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sizes = set()
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            if any(isinstance(m, ExpertBank) for m in group.modules for m in m.modules()):
+                world = group.mesh_info.shard_mesh_size
+                sizes.add(sum(p._sharded_param_data.numel() * p.param_dtype.itemsize if p.param_dtype else
+                              p._sharded_param_data.numel() * p._sharded_param_data.element_size()
+                              for p in group.fsdp_params) * world)
+    return sizes
 
 
 def expert_memory(model, optimizers) -> dict[str, int]:
@@ -235,15 +257,38 @@ def reference(cfg: CheckConfig) -> dict:
     return {"losses": losses, "grads": first_grads, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
+def peak_step_memory(model, optimizers, step_fn) -> int:
+    """Peak tensor memory (bytes) of one training step on this rank: the device
+    allocator's peak on a GPU; on CPU torch's MemTracker, which follows every tensor
+    (parameters, gradients, optimizer state, activations, FSDP buffers), not the RSS."""
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step_fn()
+        return torch.cuda.max_memory_allocated(device)
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizers)
+    with tracker:
+        step_fn()
+    return sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
+
+
 def distributed(cfg: CheckConfig) -> dict:
-    """This rank's part of the run under ``cfg``'s layout (torch.distributed initialised)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    dims = parallel_dims(cfg, world)
+    """This rank's part of the run under ``cfg``'s layout (torch.distributed initialised).
+
+    Collectives are counted on every step, unless ``cfg.timing``: then step 0 is
+    counted, step 1 measures peak memory and the later steps are timed with no
+    instrumentation (a dispatch mode slows every op)."""
+    device = local_device()
+    dims = parallel_dims(cfg, dist.get_world_size())
     job = job_config(cfg)
     with torch.device("meta"):
         model = FAMILIES[cfg.family][0](model_args(cfg))
     parallelize_tied(model, dims, job)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()  # buffers (rope cache, expert bias); weights come next
     set_model_state_dict(model, initial_state(cfg), options=StateDictOptions(full_state_dict=True))
@@ -251,33 +296,47 @@ def distributed(cfg: CheckConfig) -> dict:
 
     batch_mesh = dims.get_mesh("batch") if dims.dp_enabled else None
     dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
-    data = batches(cfg, cfg.dp * cfg.microbatches)
+    data = batches(cfg, cfg.dp * cfg.microbatches).to(device)
     global_tokens = data[0, :, :, 1:].numel()
     mine = slice(dp_rank * cfg.microbatches, (dp_rank + 1) * cfg.microbatches)
 
-    losses, first_grads, counters, step_times = [], None, [], []
+    losses, first_grads, collectives, step_times, peak_memory = [], None, [], [], None
     for step in range(cfg.steps):
-        counter = CollectiveCounter()
-        start = time.perf_counter()
+        def step_fn():
+            return run_step(model, optimizers, data[step, mine], global_tokens)
+
         # torch.compile refuses to trace under a user dispatch mode: no counts then.
-        with counter if not cfg.compile_backend else contextlib.nullcontext():
-            local_loss = run_step(model, optimizers, data[step, mine], global_tokens)
-        step_times.append(time.perf_counter() - start)
-        counters.append(counter)
-        total = torch.tensor(local_loss, dtype=torch.float64)
+        if not cfg.compile_backend and (not cfg.timing or step == 0):
+            with CollectiveCounter() as counter:
+                local_loss = step_fn()
+            collectives.append(counter.calls)
+        elif cfg.timing and step == 1:
+            peak_memory = peak_step_memory(model, optimizers, lambda: losses.append(step_fn()))
+            local_loss = losses.pop()
+        else:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            local_loss = step_fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - start)
+        total = torch.tensor(local_loss, dtype=torch.float64, device=device)
         if batch_mesh is not None:
             dist.all_reduce(total, group=batch_mesh.get_group())
         losses.append(total.item())
         if first_grads is None:
             first_grads = full_grads(model)
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {
         "losses": losses,
         "grads": first_grads,
         "state": {k: v.detach().clone() for k, v in state.items()},
         "expert_memory": expert_memory(model, optimizers),
-        "collectives": [c.calls for c in counters],
-        "step_time_median": statistics.median(step_times),
+        "expert_unit_bytes": expert_unit_bytes(model),
+        "collectives": collectives,
+        "step_times": step_times,
+        "peak_memory": peak_memory,
         "model": model,
         "optimizers": optimizers,
         "parallel_dims": dims,
@@ -295,7 +354,7 @@ def dcp_roundtrip(result: dict, cfg: CheckConfig, directory: str) -> dict:
     with torch.device("meta"):
         fresh = FAMILIES[cfg.family][0](model_args(cfg))
     parallelize_tied(fresh, result["parallel_dims"], job_config(cfg))
-    fresh.to_empty(device="cpu")
+    fresh.to_empty(device=local_device())
     loaded = get_model_state_dict(fresh)
     dcp.load(loaded, checkpoint_id=directory)
     set_model_state_dict(fresh, loaded)
@@ -318,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dcp-dir", help="also round-trip the first config through DCP here")
     a = parser.parse_args(argv)
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     results = {}
     for i, (name, fields) in enumerate(json.loads(a.configs).items()):
         cfg = CheckConfig(**{**fields, "tying": TieConfig(**fields.get("tying", {}))})

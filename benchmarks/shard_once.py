@@ -1,0 +1,173 @@
+"""Shard-once benchmark: the same model untied (G=1) and tied (G=2, G=4) in one run.
+
+    python benchmarks/shard_once.py [--nproc 2] [--groups 1,2,4] [--steps 7]
+
+On CPU it launches N gloo processes (FSDP dp_shard=N); with a GPU, one process per
+visible GPU on NCCL. Every variant trains the same tokens from its own initial weights
+with AdamW, one microbatch per step. Per variant, rank 0 prints one JSON object per
+line, then a table:
+
+* expert_bytes_per_rank: routed-expert parameters + gradients + AdamW state on one rank
+  (tensor sizes, after step 1), untied_expert_bytes_per_rank the same for G=1;
+* peak_memory_ratio: peak tensor memory of a step, tied / untied (torch's MemTracker
+  on CPU, the CUDA allocator's peak on GPU; never process RSS);
+* step_time_ratio: median step time, tied / untied, with the spread (min, max) of
+  the timed steps of each;
+* expert_allgathers_per_step / expert_reduce_scatters_per_step: collectives that move
+  routed-expert weights / gradients, counted at the process-group level on step 0.
+
+The default shape is the OLMoE-style layout scaled down: 16 layers, 64 experts top-8,
+2+2 untied anchors, dim 256, expert FFN 256, micro-batch 2 x 256 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc", type=int, default=0, help="processes (default: 2 on CPU, one per GPU)")
+    p.add_argument("--groups", default="1,2,4", help="tie group sizes to compare; 1 is the untied baseline")
+    p.add_argument("--family", default="olmoe")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=256)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--anchors", type=int, default=2, help="untied MoE layers at each end for tied variants")
+    p.add_argument("--steps", type=int, default=7, help="step 0 counts collectives, step 1 memory, the rest are timed")
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--out", help="also write the JSON lines here")
+    return p.parse_args(argv)
+
+
+def check_config(a, group_size: int, world: int):
+    from tiedmoe_titan.shard_check import CheckConfig
+    from tiedmoe_titan.tying import TieConfig
+
+    anchors = a.anchors if group_size > 1 else 0
+    return CheckConfig(
+        family=a.family,
+        tying=TieConfig(group_size=group_size, untied_first=anchors, untied_last=anchors),
+        dp_shard=world, ep=a.ep, steps=a.steps, microbatches=1, batch=a.batch, seq_len=a.seq, timing=True,
+        expert_bias_rate=0.0,
+        model_overrides={
+            "n_layers": a.layers, "dim": a.dim, "n_heads": a.heads, "n_kv_heads": a.heads, "head_dim": a.dim // a.heads,
+            "moe_inter_dim": a.ffn, "max_seq_len": a.seq,
+            "moe_args": {"num_experts": a.experts, "top_k": a.top_k},
+        },
+    )
+
+
+def run_variants(a) -> list[dict]:
+    import torch.distributed as dist
+
+    from tiedmoe_titan.shard_check import distributed, model_args
+
+    world = dist.get_world_size()
+    rows = []
+    for g in (int(x) for x in a.groups.split(",")):
+        cfg = check_config(a, g, world)
+        layout = model_args(cfg).tie_layout()
+        result = distributed(cfg)
+        (calls,) = result["collectives"]
+        expert_sizes = result["expert_unit_bytes"]
+        rows.append({
+            "G": g,
+            "num_moe_layers": len(layout.moe_layers),
+            "num_banks": layout.num_shared_banks,
+            "num_untied_moe_layers": layout.num_unshared_moe_layers,
+            "expert_bytes_per_rank": result["expert_memory"]["total"],
+            "peak_memory_bytes": result["peak_memory"],
+            "step_times": result["step_times"],
+            "expert_allgathers_per_step": sum(1 for op, _, b in calls if op == "allgather_base" and b in expert_sizes),
+            "expert_reduce_scatters_per_step": sum(1 for op, _, b in calls if op == "reduce_scatter_base" and b in expert_sizes),
+            "losses": result["losses"],
+        })
+        del result
+    return rows
+
+
+def summarise(rows: list[dict], device: str, world: int) -> list[dict]:
+    base = next(r for r in rows if r["G"] == 1)
+    out = []
+    for r in rows:
+        times, base_times = r["step_times"], base["step_times"]
+        out.append({
+            "G": r["G"],
+            "num_moe_layers": r["num_moe_layers"],
+            "num_banks": r["num_banks"],
+            "num_untied_moe_layers": r["num_untied_moe_layers"],
+            "expert_bytes_per_rank": r["expert_bytes_per_rank"],
+            "untied_expert_bytes_per_rank": base["expert_bytes_per_rank"],
+            "expected_expert_bytes_ratio": (r["num_banks"] + r["num_untied_moe_layers"]) / r["num_moe_layers"],
+            "expert_bytes_ratio": r["expert_bytes_per_rank"] / base["expert_bytes_per_rank"],
+            "peak_memory_bytes": r["peak_memory_bytes"],
+            "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
+            "step_time_median_s": statistics.median(times),
+            "step_time_spread_s": [min(times), max(times)],
+            "step_time_ratio": statistics.median(times) / statistics.median(base_times),
+            "expert_allgathers_per_step": r["expert_allgathers_per_step"],
+            "expert_reduce_scatters_per_step": r["expert_reduce_scatters_per_step"],
+            "final_loss": r["losses"][-1],
+            "device": device,
+            "world_size": world,
+        })
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'G':>2} {'banks':>5} {'untied':>6} {'expert MiB/rank':>15} {'ratio':>6} {'(expect)':>8} {'peak MiB':>9} {'peak ratio':>10} {'step s':>7} {'time ratio':>10} {'exp AG':>6} {'exp RS':>6}"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['G']:>2} {r['num_banks']:>5} {r['num_untied_moe_layers']:>6} {r['expert_bytes_per_rank'] / 2**20:>15.1f} "
+            f"{r['expert_bytes_ratio']:>6.3f} {r['expected_expert_bytes_ratio']:>8.3f} {r['peak_memory_bytes'] / 2**20:>9.1f} "
+            f"{r['peak_memory_ratio']:>10.3f} {r['step_time_median_s']:>7.3f} {r['step_time_ratio']:>10.3f} "
+            f"{r['expert_allgathers_per_step']:>6} {r['expert_reduce_scatters_per_step']:>6}"
+        )
+    return "\n".join(lines)
+
+
+def worker(a) -> None:
+    import torch.distributed as dist
+
+    from tiedmoe_titan.shard_check import local_device
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rows = run_variants(a)
+    if dist.get_rank() == 0:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()} (gloo)"
+        summary = summarise(rows, device, dist.get_world_size())
+        lines = [json.dumps(r) for r in summary]
+        print("\n".join(lines))
+        print(table(summary))
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    a = parse_args()
+    if "RANK" in os.environ:
+        worker(a)
+        return
+    nproc = a.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), __file__, *sys.argv[1:]]
+    raise SystemExit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    main()
