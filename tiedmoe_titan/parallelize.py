@@ -50,21 +50,17 @@ class UnsupportedParallelism(ValueError):
 
 def parallelize_tied(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     layout: TieLayout = model.model_args.tie_layout()
-    check_expert_parallel(layout, parallel_dims)
-    if parallel_dims.tp > 1 and model.tensor_parallel_refusal:
-        raise UnsupportedParallelism(
-            f"parallelism.tensor_parallel_degree = {parallel_dims.tp}: {model.tensor_parallel_refusal}; set it to 1"
-        )
-    if not layout.is_tied:
-        parallelize_qwen3(model, parallel_dims, job_config)
-    else:
-        _refuse_unsupported(layout, parallel_dims, job_config)
+    check_parallelism(type(model), layout, parallel_dims, job_config)
+    if layout.is_tied:
         _parallelize_tied_layout(model, layout, parallel_dims, job_config)
+    else:
+        parallelize_qwen3(model, parallel_dims, job_config)
     cpu.adapt_fsdp(model)
     return model
 
 
-def check_expert_parallel(layout: TieLayout, parallel_dims: ParallelDims) -> None:
+def check_parallelism(model_cls: type, layout: TieLayout, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    """Refuse, in one line naming the key, what this model and layout cannot honour."""
     for bank in layout.banks:
         if bank.num_experts % parallel_dims.ep:
             raise UnsupportedParallelism(
@@ -72,13 +68,17 @@ def check_expert_parallel(layout: TieLayout, parallel_dims: ParallelDims) -> Non
                 f"experts of bank {bank.index} (layers {list(bank.layers)}): choose a degree that divides "
                 f"every bank ({sorted({b.num_experts for b in layout.banks})})"
             )
-
-
-def _refuse_unsupported(layout: TieLayout, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    if parallel_dims.tp > 1 and model_cls.tensor_parallel_refusal:
+        raise UnsupportedParallelism(
+            f"parallelism.tensor_parallel_degree = {parallel_dims.tp}: {model_cls.tensor_parallel_refusal}; set it to 1"
+        )
+    if not layout.is_tied:
+        return
     tied = f"tied banks (tying.group_size = {layout.config.group_size})"
     refusals = {
         "parallelism.tensor_parallel_degree": parallel_dims.tp > 1,
         "parallelism.context_parallel_degree": parallel_dims.cp > 1,
+        "parallelism.pipeline_parallel_degree": parallel_dims.pp > 1,
         "model.converters (float8 / mx)": bool(job_config.model.converters),
         # torchtitan's DDP averages gradients while its loss is already divided by the
         # global token count (FSDP is set to sum); HSDP (dp_shard > 1) has no such issue.

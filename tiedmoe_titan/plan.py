@@ -8,7 +8,6 @@ token, and the ratio to the same recipe untied (G=1).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -16,12 +15,11 @@ import sys
 import torch
 
 import tiedmoe_titan  # noqa: F401  (registers the train specs)
-from torchtitan.protocols.train_spec import get_train_spec
 
-from .config import parse_recipe
+from .config import RecipeError, model_args_of, parallel_dims_of, parse_recipe
 from .models.accounting import ParamCounts, count_params
 from .parallelize import UnsupportedParallelism
-from .tying import TieConfig, TieConfigError
+from .tying import TieConfig
 
 
 def meta_param_counts(model_cls, model_args) -> ParamCounts:
@@ -30,14 +28,7 @@ def meta_param_counts(model_cls, model_args) -> ParamCounts:
 
 
 def plan(job_config) -> dict:
-    spec = get_train_spec(job_config.model.name)
-    if job_config.model.flavor not in spec.model_args:
-        raise TieConfigError(
-            f"model.flavor = {job_config.model.flavor!r} is not a flavor of {job_config.model.name}: "
-            f"choose one of {', '.join(spec.model_args)}"
-        )
-    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    args.update_from_config(job_config)
+    spec, args = model_args_of(job_config)
     layout = args.tie_layout()
     tied = meta_param_counts(spec.model_cls, args)
     untied_args = dataclasses.replace(args, tying=TieConfig())
@@ -69,20 +60,12 @@ def shard_dry_run(job_config, world_size: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from torchtitan.distributed import ParallelDims
     from torchtitan.distributed.utils import init_fake_mode
 
     from .models.bank import ExpertBank
 
-    spec = get_train_spec(job_config.model.name)
-    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    args.update_from_config(job_config)
-    p = job_config.parallelism
-    dims = ParallelDims(
-        dp_shard=p.data_parallel_shard_degree, dp_replicate=p.data_parallel_replicate_degree,
-        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
-        ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=world_size,
-    )
+    spec, args = model_args_of(job_config)
+    dims = parallel_dims_of(job_config, world_size)
     init_fake_mode(world_size, "fake_backend")
     try:
         with torch.device("meta"):
@@ -142,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         p = plan(job_config)
         if args.shard_dry_run:
             p["shard_dry_run"] = shard_dry_run(job_config, args.shard_dry_run)
-    except (TieConfigError, UnsupportedParallelism) as e:
+    except (RecipeError, UnsupportedParallelism) as e:
         print(f"tiedmoe-plan: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     if args.json:

@@ -29,7 +29,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
-from .config import parse_recipe
+from .config import RecipeError, check_run, parse_recipe, write_resolved_recipe
 from .models.moe import model_routing_loss
 
 USAGE = "usage: tiedmoe-train RECIPE.toml [--section.key value ...]"
@@ -72,9 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit(USAGE)
-    init_logger()
-    job_config = parse_recipe(argv[0], argv[1:])
     _single_process_env()
+    try:
+        job_config = parse_recipe(argv[0], argv[1:])
+        check_run(job_config, int(os.environ["WORLD_SIZE"]))
+    except RecipeError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"tiedmoe-train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    init_logger()
+    if os.environ.get("RANK", "0") == "0":
+        path = write_resolved_recipe(job_config, job_config.job.dump_folder)
+        logger.info(f"Seed {job_config.debug.seed}; resolved recipe saved to {path}")
     trainer = None
     try:
         trainer = TiedMoETrainer(job_config)
