@@ -1,8 +1,12 @@
 """Tests for tiedmoe_titan.data (local-files dataset, loaders, validator, corpus)."""
 
 import contextlib
+import itertools
 import json
+import logging
 import os
+import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -18,6 +22,8 @@ from tiedmoe_titan.data import (
     build_local_validation_dataloader,
     build_local_validator,
     iter_documents,
+    pick_source,
+    resolve_dataset_files,
 )
 from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH, SentencePieceTokenizer
 
@@ -94,7 +100,7 @@ def test_packing_is_the_concatenated_bos_doc_eos_stream(tok, corpus):
     ds = LocalTextDataset(path, tok, seq_len=SEQ_LEN)
     samples = list(ds)
     stream = _stream(tok, docs)
-    assert len(samples) == len(stream) // (SEQ_LEN + 1) == ds.samples_per_epoch > 3
+    assert len(samples) == len(stream) // (SEQ_LEN + 1) == ds.samples_in(ds.sources[0]) > 3
     flat = []
     for inputs, labels in samples:
         x = inputs["input"]
@@ -112,12 +118,12 @@ def test_dp_ranks_get_disjoint_documents_covering_all(tok, corpus):
     path, docs = corpus
     world = 3
     shards = [LocalTextDataset(path, tok, SEQ_LEN, dp_rank=r, dp_world_size=world) for r in range(world)]
-    indices = [set(ds.doc_indices) for ds in shards]
+    indices = [set(ds.sources[0].doc_indices) for ds in shards]
     assert all(not (indices[a] & indices[b]) for a in range(world) for b in range(a + 1, world))
     assert set().union(*indices) == set(range(len(docs)))
     for ds in shards:  # each rank's stream is made of exactly its own documents
-        expected = _stream(tok, [docs[i] for i in ds.doc_indices])
-        assert ds._tokens.tolist() == expected
+        expected = _stream(tok, [docs[i] for i in ds.sources[0].doc_indices])
+        assert ds.sources[0].tokens.tolist() == expected
     again = LocalTextDataset(path, tok, SEQ_LEN, dp_rank=1, dp_world_size=world)
     assert [s[1].tolist() for s in again] == [s[1].tolist() for s in shards[1]]  # deterministic
 
@@ -126,17 +132,23 @@ def test_dp_ranks_get_disjoint_documents_covering_all(tok, corpus):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_continues_exactly_across_epochs(tok, corpus, num_workers):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_resume_continues_exactly_across_epochs(tok, corpus, tmp_path, num_workers, weighted):
     path, _ = corpus
+    if weighted:  # same files as two sources of a mixture
+        path = f"web=0.7:{tmp_path}/*.jsonl,notes=0.3:{tmp_path}/*.txt"
     cfg = _job_config(path, num_workers=num_workers)
     ref_loader = build_local_text_dataloader(2, 1, tok, cfg)
     assert isinstance(ref_loader, ParallelAwareDataloader)
-    per_epoch = ref_loader.dataset.samples_per_epoch
-    n_batches = per_epoch + 2  # 2 samples per batch: goes well past one epoch
+    ds = ref_loader.dataset
+    assert len(ds.sources) == (2 if weighted else 1)
+    sizes = [ds.samples_in(s) for s in ds.sources]
+    n_batches = sum(sizes) + 2  # 2 samples per batch: goes well past one epoch
     reference = _take(ref_loader, n_batches)
-    # no sample repeats within the first epoch (workers must not duplicate data)
+    # no source re-loops within the first min(sizes) samples, so none may repeat
+    # there (workers must not duplicate data)
     seen = [tuple(x.tolist()) for b in reference for x in b[1]]
-    assert len(set(seen[:per_epoch])) == per_epoch
+    assert len(set(seen[: min(sizes)])) == min(sizes)
 
     cut = 3
     loader = build_local_text_dataloader(2, 1, tok, cfg)
@@ -157,7 +169,7 @@ def test_infinite_wraps_like_a_carried_over_buffer(tok, corpus):
     path, docs = corpus
     ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
     stream = _stream(tok, docs)
-    n = 2 * ds.samples_per_epoch + 1
+    n = 2 * ds.samples_in(ds.sources[0]) + 1
     flat = []
     for _, (inputs, labels) in zip(range(n), ds):
         flat += inputs["input"].tolist() + labels[-1:].tolist()
@@ -169,7 +181,7 @@ def test_finite_training_stops_but_validation_restarts(tok, corpus):
     cfg = _job_config(path)
     train = build_local_text_dataloader(1, 0, tok, cfg, infinite=False)
     first = list(train)
-    assert sum(len(y) for _, y in first) == train.dataset.samples_per_epoch
+    assert sum(len(y) for _, y in first) == train.dataset.samples_in(train.dataset.sources[0])
     assert list(train) == []  # a finished finite stream stays finished, like torchtitan's
     val = build_local_validation_dataloader(1, 0, tok, cfg)
     a, b = list(val), list(val)
@@ -187,7 +199,7 @@ def test_finite_training_stops_but_validation_restarts(tok, corpus):
         ("{tmp}/missing/*.jsonl", FileNotFoundError, ["training.dataset_path", "/missing/*.jsonl", "matched no files"]),
         ("{tmp}/*.jsonl,{tmp}/nope.txt", FileNotFoundError, ["'{tmp}/nope.txt' matched no files"]),
         ("{tmp}/empty.txt", ValueError, ["contain no documents"]),
-        ("{tmp}/notes.md", ValueError, ["is not a .txt or .jsonl file"]),
+        ("{tmp}/notes.md", ValueError, ["is not a .txt, .jsonl or .parquet file"]),
     ],
 )
 def test_clear_one_line_errors(tok, tmp_path, value, error, pieces):
@@ -285,3 +297,174 @@ def test_bundled_corpus_is_small_real_and_split():
     assert len(sources[DEFAULT_VALID_PATH]) >= 10
     text = next(iter_documents(DEFAULT_VALID_PATH))
     assert " the " in text
+
+
+# ------------------------------------------------------------------ parquet
+
+
+def _write_parquet(path, columns, row_group_size=2):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)
+
+
+def test_parquet_round_trip(tok, tmp_path):
+    docs = _docs(7)
+    texts = docs[:3] + [None, "", "  "] + docs[3:]  # nulls and blanks are skipped
+    _write_parquet(tmp_path / "p.parquet", {"id": list(range(len(texts))), "text": texts})
+    assert list(iter_documents(str(tmp_path / "p.parquet"))) == docs
+    # parquet and jsonl files mix freely within one source
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(2, start=7)))
+    ds = LocalTextDataset(f"{tmp_path}/*.parquet,{tmp_path}/*.jsonl", tok, SEQ_LEN)
+    assert ds.sources[0].tokens.tolist() == _stream(tok, docs + _docs(2, start=7))
+
+
+def test_parquet_without_text_column_names_file_and_columns(tmp_path):
+    _write_parquet(tmp_path / "bad.parquet", {"body": ["a", "b"], "id": [1, 2]})
+    with pytest.raises(ValueError) as err:
+        list(iter_documents(str(tmp_path / "bad.parquet")))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"{tmp_path}/bad.parquet: no 'text' column (it has: body, id)" == msg
+
+
+# ------------------------------------------------------------------ mixtures
+
+
+@pytest.fixture
+def mixture(tmp_path):
+    """Three sources in three formats; 'b' is small, so it re-loops often."""
+    docs = {"a": _docs(9), "b": _docs(3, start=9), "c": _docs(8, start=12)}
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs["a"]))
+    (tmp_path / "b.txt").write_text("\n\n".join(docs["b"]) + "\n")
+    _write_parquet(tmp_path / "c.parquet", {"text": docs["c"]})
+    path = f"a=0.5:{tmp_path}/a.jsonl, b=0.2:{tmp_path}/b.txt, c=0.3:{tmp_path}/c.parquet"
+    return path, docs
+
+
+def _windows(tok, docs, j):
+    """Sample j of the circular stream of docs."""
+    stream, width = _stream(tok, docs), SEQ_LEN + 1
+    return [stream[(j * width + i) % len(stream)] for i in range(width)]
+
+
+def test_mixture_realises_weights_and_reloops_each_source(tok, mixture):
+    path, docs = mixture
+    ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
+    assert [(s.name, str(s.weight)) for s in ds.sources] == [("a", "1/2"), ("b", "1/5"), ("c", "3/10")]
+    weights = {"a": 0.5, "b": 0.2, "c": 0.3}
+    counts = dict.fromkeys(docs, 0)
+    for n, (inputs, labels) in enumerate(itertools.islice(ds, 200), start=1):
+        x = inputs["input"].tolist() + labels[-1:].tolist()
+        # the sample is the next window of exactly one source's own stream
+        (name,) = [s for s in docs if x == _windows(tok, docs[s], counts[s])]
+        counts[name] += 1
+        for s, w in weights.items():
+            assert abs(counts[s] - round(w * n)) <= 1, (n, counts)
+    assert counts == {"a": 100, "b": 40, "c": 60}
+    b = ds.sources[1]
+    assert counts["b"] > 3 * ds.samples_in(b)  # 'b' re-looped on its own
+
+
+def test_pick_source_stays_within_one_sample_of_the_weights():
+    rng = random.Random(0)
+    for _ in range(20):
+        raw = [Fraction(rng.randint(1, 50)) for _ in range(rng.randint(2, 8))]
+        weights = [w / sum(raw) for w in raw]
+        counts = [0] * len(weights)
+        for n in range(1, 201):
+            counts[pick_source(weights, counts)] += 1
+            assert all(abs(c - n * w) < 1 for c, w in zip(counts, weights))
+
+
+def test_mixture_is_deterministic_and_logs_each_source(tok, mixture, caplog):
+    path, _ = mixture
+    with caplog.at_level(logging.INFO):
+        runs = [
+            [y.tolist() for _, y in itertools.islice(LocalTextDataset(path, tok, SEQ_LEN, infinite=True), 50)]
+            for _ in range(2)
+        ]
+    assert runs[0] == runs[1]
+    for name, weight in [("a", "0.5"), ("b", "0.2"), ("c", "0.3")]:
+        line = f"training.dataset_path: source '{name}' weight {weight}: 1 files, "
+        assert any(line in m and "documents" in m and "tokens" in m for m in caplog.messages), name
+
+
+def test_mixture_resume_from_dataset_state(tok, mixture):
+    path, _ = mixture
+    ref = [y for _, y in itertools.islice(LocalTextDataset(path, tok, SEQ_LEN, infinite=True), 60)]
+    ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
+    it = iter(ds)
+    for _ in range(37):
+        next(it)
+    state = ds.state_dict()
+    assert {k: v["position"] for k, v in state["sources"].items()} == {"a": 19, "b": 7, "c": 11}
+    resumed = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
+    resumed.load_state_dict(state)
+    rest = [y for _, y in itertools.islice(resumed, 23)]
+    assert all(torch.equal(a, b) for a, b in zip(ref[37:], rest))
+
+
+def test_changed_weights_resume_each_source_where_it_stopped(tok, mixture):
+    path, docs = mixture
+    ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
+    it = iter(ds)
+    for _ in range(20):
+        next(it)
+    state = ds.state_dict()
+    heavier_b = path.replace("a=0.5", "a=0.1").replace("b=0.2", "b=0.6")
+    resumed = LocalTextDataset(heavier_b, tok, SEQ_LEN, infinite=True)
+    resumed.load_state_dict(state)
+    positions = {k: v["position"] for k, v in state["sources"].items()}
+    x = next(iter(resumed))  # the fresh interleaving starts with b, at its saved position
+    assert x[0]["input"].tolist() + x[1][-1:].tolist() == _windows(tok, docs["b"], positions["b"])
+    # a checkpoint from before mixtures (one sample index) resumes a single source
+    single = LocalTextDataset(f"{path.split(',')[0].split(':', 1)[1]}", tok, SEQ_LEN)
+    single.load_state_dict({"sample_idx": 2, "num_tokens": len(single.sources[0].tokens), "seq_len": SEQ_LEN})
+    assert next(iter(single))[1].tolist() == _windows(tok, docs["a"], 2)[1:]
+
+
+def test_validation_accepts_mixtures_and_ends_with_a_source(tok, mixture):
+    path, docs = mixture
+    val = build_local_validation_dataloader(1, 0, tok, _job_config(path))
+    a, b = list(val), list(val)
+    assert len(a) > 1 and all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    ds = val.dataset
+    # the pass stopped because one source had no sample left
+    assert any(p >= ds.samples_in(s) for p, s in zip(ds._positions, ds.sources))
+
+
+def test_equals_sign_in_a_directory_is_still_a_plain_glob(tok, tmp_path):
+    (tmp_path / "year=2024").mkdir()
+    (tmp_path / "year=2024" / "d.jsonl").write_text('{"text": "hi there"}\n')
+    (source,) = LocalTextDataset(f"{tmp_path}/year=2024/*.jsonl", tok, SEQ_LEN).sources
+    assert (source.name, source.weight, len(source.files)) == ("data", 1, 1)
+
+
+@pytest.mark.parametrize(
+    "value, error, piece",
+    [
+        ("web=abc:{tmp}/ok.jsonl", ValueError, "source 'web' has weight 'abc'; write NAME=WEIGHT:GLOB"),
+        ("web=0:{tmp}/ok.jsonl", ValueError, "source 'web' has weight '0'"),
+        ("web=-1:{tmp}/ok.jsonl", ValueError, "source 'web' has weight '-1'"),
+        ("web=1:{tmp}/ok.jsonl,web=2:{tmp}/ok.jsonl", ValueError, "source name 'web' is used twice"),
+        ("{tmp}/ok.jsonl,web=1:{tmp}/ok.jsonl", ValueError, "has no NAME=WEIGHT: prefix"),
+        ("web=1:", ValueError, "source 'web' has no glob"),
+        ("=1:{tmp}/ok.jsonl", ValueError, "needs a source name"),
+        ("web=0.7{tmp}/ok.jsonl", FileNotFoundError, "(a weighted source is written NAME=WEIGHT:GLOB)"),
+    ],
+)
+def test_bad_weight_syntax_is_one_line_naming_the_setting(tok, tmp_path, value, error, piece):
+    (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')
+    value = value.format(tmp=tmp_path)
+    for check in (
+        lambda: build_local_text_dataloader(1, 0, tok, _job_config(value)),
+        lambda: resolve_dataset_files(value, "training.dataset_path"),  # the up-front config check
+    ):
+        with pytest.raises(error) as err:
+            check()
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("training.dataset_path") and piece in msg, msg
+    with pytest.raises(error, match="^validation.dataset_path"):
+        build_local_validation_dataloader(1, 0, tok, _job_config(DEFAULT_TRAIN_PATH, val_path=value))

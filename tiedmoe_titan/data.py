@@ -1,21 +1,35 @@
 """Local-files text data for torchtitan.
 
-``training.dataset_path`` (or ``validation.dataset_path``) is a comma-separated
-list of file globs.  Supported files:
+``training.dataset_path`` (or ``validation.dataset_path``) lists file globs,
+separated by commas.  Supported files:
 
-* ``.txt``   - one document per blank-line-separated block;
-* ``.jsonl`` - one document per line, in the line's ``"text"`` field.
+* ``.txt``     - one document per blank-line-separated block;
+* ``.jsonl``   - one document per line, in the line's ``"text"`` field;
+* ``.parquet`` - one document per row of the ``text`` column.
 
-Each data-parallel rank keeps every ``dp_world_size``-th document (in file order),
-tokenizes it as ``[bos] + tokens + [eos]`` and concatenates everything into one
-token stream.  Samples are consecutive ``seq_len + 1`` windows of that stream,
-yielded as ``({"input": x[:-1]}, x[1:])`` exactly like torchtitan's
-``HuggingFaceTextDataset``.  In ``infinite`` mode the stream is treated as
-circular, which is what torchtitan's carried-over token buffer does on re-loop.
+Plain globs (``"corpus/*.jsonl,notes/*.txt"``) make one source.  For a weighted
+mixture, start each source with ``NAME=WEIGHT:``; a glob without the prefix
+belongs to the source before it::
 
-Because sample ``k`` is a pure function of ``k``, the checkpoint state is a
-single integer, and a resumed run sees exactly the batches of an uninterrupted
-one.
+    web=0.7:/data/web/*.jsonl,/data/web2/*.jsonl,code=0.3:/data/code/*.parquet
+
+NAME is a word (letters, digits, ``_ . -``), WEIGHT a positive number; weights
+are relative (``web=7:...,code=3:...`` is the same mixture).
+
+Each data-parallel rank keeps every ``dp_world_size``-th document of each source
+(in file order), tokenizes it as ``[bos] + tokens + [eos]`` and concatenates the
+source's documents into one token stream.  A source's samples are consecutive
+``seq_len + 1`` windows of its stream, yielded as ``({"input": x[:-1]}, x[1:])``
+exactly like torchtitan's ``HuggingFaceTextDataset``.  In ``infinite`` mode each
+source's stream is circular (what torchtitan's carried-over token buffer does on
+re-loop), so a small source re-loops on its own while the others go on.
+
+Sources take turns in a fixed interleaving (:func:`pick_source`): after any
+``n`` samples a source of weight ``w`` has served ``round(w * n)`` samples, give
+or take one.  The interleaving depends only on how many samples each source has
+served, so the checkpoint state is each source's position, and a resumed run
+sees exactly the batches of an uninterrupted one.  A finite pass (validation)
+ends when the interleaving asks for a sample from a source that has none left.
 
 The module also builds the bundled corpus (``python -m tiedmoe_titan.data
 build-corpus``) from the docstrings of the Python standard library.
@@ -28,12 +42,14 @@ import ast
 import glob
 import json
 import os
+import re
 import sys
 import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
@@ -54,50 +70,125 @@ DEFAULT_CORPUS_DIR = os.path.join(ASSETS_DIR, "corpus")
 DEFAULT_TRAIN_PATH = os.path.join(DEFAULT_CORPUS_DIR, "train.jsonl")
 DEFAULT_VALID_PATH = os.path.join(DEFAULT_CORPUS_DIR, "valid.jsonl")
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl")
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_SUFFIXES_TEXT = ".txt, .jsonl or .parquet"
 PROGRESS_EVERY_DOCS = 100_000  # a log line this often within one big file
+PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: big files stream, never load whole
+
+# ``NAME=WEIGHT:GLOB``.  Name and weight may not hold a path separator, so a
+# plain glob such as ``/data/year=2024/*.parquet`` is never read as a prefix.
+_WEIGHTED_ENTRY = re.compile(r"([^=:/\\]*)=([^:/\\]*):(.*)", re.DOTALL)
+_SOURCE_NAME = re.compile(r"[A-Za-z_][\w.-]*")
 
 
 # --------------------------------------------------------------------------- #
-# Finding and reading documents
+# Parsing dataset_path into weighted sources
 # --------------------------------------------------------------------------- #
 
 
-def resolve_dataset_files(dataset_path: str | None, config_key: str) -> list[str]:
-    """Expand a comma-separated list of globs into an ordered list of files.
+@dataclass
+class DataSource:
+    """One source of a ``dataset_path``; the dataset fills in the token fields."""
 
-    Globs keep the order given; matches of one glob are sorted so the order does
-    not depend on the file system.  A file matched twice is read once.  Every
-    error is a single line that names ``config_key`` so the user knows which
-    setting to fix.
+    name: str
+    weight: Fraction  # normalised: the weights of all sources sum to 1
+    files: list[str]
+    doc_indices: list[int] = field(default_factory=list)  # this rank's documents
+    tokens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
+
+
+def parse_dataset_sources(dataset_path: str | None, config_key: str) -> list[DataSource]:
+    """Split a ``dataset_path`` into sources with weights and files (syntax: module docstring).
+
+    Plain globs give one source called ``data`` of weight 1.  Every error is a
+    single line that names ``config_key`` so the user knows which setting to fix.
     """
     if dataset_path is None or not str(dataset_path).strip():
         raise ValueError(
-            f"{config_key} is not set: give a comma-separated list of .txt/.jsonl "
-            f"file globs, e.g. {_default_for(config_key)}"
+            f"{config_key} is not set: give comma-separated {_SUFFIXES_TEXT} file globs, "
+            f"e.g. {_default_for(config_key)}, or weighted sources NAME=WEIGHT:GLOB,..."
         )
-    files: list[str] = []
-    for pattern in (p.strip() for p in str(dataset_path).split(",")):
-        if not pattern:
+    groups: list[tuple[str | None, Fraction, list[str]]] = []  # (name, weight, globs)
+    for entry in (e.strip() for e in str(dataset_path).split(",")):
+        if not entry:
             continue
+        match = _WEIGHTED_ENTRY.fullmatch(entry)
+        if match is None:  # a bare glob continues the source before it
+            if groups:
+                groups[-1][2].append(entry)
+            else:
+                groups.append((None, Fraction(1), [entry]))
+            continue
+        name, weight, pattern = (g.strip() for g in match.groups())
+        if groups and groups[0][0] is None:
+            raise ValueError(
+                f"{config_key}: '{groups[0][2][0]}' has no NAME=WEIGHT: prefix but '{entry}' "
+                "has one; when weights are given, the first glob needs one too"
+            )
+        _check_name(name, entry, groups, config_key)
+        if not pattern:
+            raise ValueError(f"{config_key}: source '{name}' has no glob after '{name}={weight}:'")
+        groups.append((name, _parse_weight(name, weight, config_key), [pattern]))
+    if not groups:
+        raise ValueError(f"{config_key}='{dataset_path}' contains no globs")
+    total = sum(weight for _, weight, _ in groups)
+    return [
+        DataSource(name or "data", weight / total, _expand_globs(globs, config_key))
+        for name, weight, globs in groups
+    ]
+
+
+def _check_name(name: str, entry: str, groups: list, config_key: str) -> None:
+    if not _SOURCE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{config_key}: '{entry}' needs a source name (letters, digits, _ . -) before '='"
+        )
+    if any(name == other for other, _, _ in groups):
+        raise ValueError(f"{config_key}: source name '{name}' is used twice")
+
+
+def _parse_weight(name: str, weight: str, config_key: str) -> Fraction:
+    # Exact fractions: "0.7" is 7/10, so the interleaving has no rounding drift.
+    try:
+        value = Fraction(weight)
+    except (ValueError, ZeroDivisionError):
+        value = Fraction(0)
+    if value <= 0:
+        raise ValueError(
+            f"{config_key}: source '{name}' has weight '{weight}'; write NAME=WEIGHT:GLOB with "
+            "WEIGHT a positive number, e.g. web=0.7:/data/web/*.jsonl"
+        )
+    return value
+
+
+def _expand_globs(patterns: list[str], config_key: str) -> list[str]:
+    """Files of a source's globs: globs in the given order, matches of one glob
+    sorted (so the order does not depend on the file system), each file once."""
+    files: dict[str, None] = {}  # an ordered set
+    for pattern in patterns:
         matches = sorted(
-            p
-            for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-            if os.path.isfile(p)
+            p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
         )
         if not matches:
-            raise FileNotFoundError(f"{config_key}: glob '{pattern}' matched no files")
+            hint = " (a weighted source is written NAME=WEIGHT:GLOB)" if "=" in pattern else ""
+            raise FileNotFoundError(f"{config_key}: glob '{pattern}' matched no files{hint}")
         for path in matches:
             if not path.endswith(SUPPORTED_SUFFIXES):
                 raise ValueError(
-                    f"{config_key}: '{path}' (from glob '{pattern}') is not a "
-                    f"{' or '.join(SUPPORTED_SUFFIXES)} file"
+                    f"{config_key}: '{path}' (from glob '{pattern}') is not a {_SUFFIXES_TEXT} file"
                 )
-            if path not in files:
-                files.append(path)
-    if not files:
-        raise ValueError(f"{config_key}='{dataset_path}' contains no globs")
-    return files
+            files[path] = None
+    return list(files)
+
+
+def resolve_dataset_files(dataset_path: str | None, config_key: str) -> list[str]:
+    """All files of all sources of a ``dataset_path`` in order, each once.
+
+    Checks the whole setting (weights included), so it is also the up-front
+    validation of a run's config.
+    """
+    sources = parse_dataset_sources(dataset_path, config_key)
+    return list(dict.fromkeys(path for source in sources for path in source.files))
 
 
 def _default_for(config_key: str) -> str:
@@ -105,14 +196,21 @@ def _default_for(config_key: str) -> str:
     return DEFAULT_VALID_PATH if config_key.startswith("validation") else DEFAULT_TRAIN_PATH
 
 
+# --------------------------------------------------------------------------- #
+# Reading documents
+# --------------------------------------------------------------------------- #
+
+
 def iter_documents(path: str) -> Iterator[str]:
-    """Yield the non-empty documents of one ``.txt`` or ``.jsonl`` file in order."""
+    """Yield the non-empty documents of one supported file in order."""
     if path.endswith(".jsonl"):
         yield from _iter_jsonl_documents(path)
     elif path.endswith(".txt"):
         yield from _iter_txt_documents(path)
+    elif path.endswith(".parquet"):
+        yield from _iter_parquet_documents(path)
     else:
-        raise ValueError(f"'{path}' is not a {' or '.join(SUPPORTED_SUFFIXES)} file")
+        raise ValueError(f"'{path}' is not a {_SUFFIXES_TEXT} file")
 
 
 def _iter_txt_documents(path: str) -> Iterator[str]:
@@ -148,21 +246,67 @@ def _iter_jsonl_documents(path: str) -> Iterator[str]:
                 yield text
 
 
+def _iter_parquet_documents(path: str) -> Iterator[str]:
+    """The ``text`` column, row by row; null and empty texts are skipped.
+
+    Only that column is read, a batch of rows at a time within each row group,
+    so a file much bigger than memory streams through.
+    """
+    import pyarrow.parquet as pq  # comes with `datasets`; only parquet users need it
+
+    parquet = pq.ParquetFile(path)
+    columns = parquet.schema_arrow.names
+    if "text" not in columns:
+        raise ValueError(f"{path}: no 'text' column (it has: {', '.join(columns)})")
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: the 'text' column holds {type(text).__name__}, not strings")
+            if text.strip():
+                yield text
+
+
+# --------------------------------------------------------------------------- #
+# The mixture schedule
+# --------------------------------------------------------------------------- #
+
+
+def pick_source(weights: Sequence[Fraction], counts: Sequence[int]) -> int:
+    """Which source serves the next sample, given how many each has served.
+
+    Tijdeman's "chairman assignment" rule: with ``S`` sources, a source may go
+    only if it is behind its share by at least ``1 / (2S - 2)``, and of those
+    the one whose next turn falls due first goes (ties: the earlier source).
+    After every ``n`` samples each source has served within ``1 - 1/(2S-2)`` of
+    ``n * w``, i.e. ``round(n * w)`` plus or minus one, for any weights; smooth
+    weighted round robin only guarantees that for a few sources.  ``weights``
+    must sum to 1; exact fractions make the choice identical on every machine.
+    """
+    if len(weights) == 1:
+        return 0
+    n = sum(counts) + 1
+    slack = Fraction(1, 2 * len(weights) - 2)
+    eligible = [s for s, w in enumerate(weights) if n * w - counts[s] >= slack]
+    return min(eligible, key=lambda s: ((counts[s] + 1 - slack) / weights[s], s))
+
+
 # --------------------------------------------------------------------------- #
 # The dataset
 # --------------------------------------------------------------------------- #
 
 
 class LocalTextDataset(IterableDataset, Stateful):
-    """Packed, rank-sharded, resumable token stream over local text files.
+    """Packed, rank-sharded, resumable, weighted mixture of local text files.
 
     Args:
-        dataset_path: comma-separated file globs (see module docstring).
+        dataset_path: file globs, optionally weighted (see module docstring).
         tokenizer: any torchtitan ``BaseTokenizer`` whose ``encode`` accepts
             ``add_bos``/``add_eos``.
         seq_len: tokens per sample; each sample reads ``seq_len + 1`` tokens.
-        dp_rank, dp_world_size: this rank keeps documents ``i`` with
-            ``i % dp_world_size == dp_rank``.
+        dp_rank, dp_world_size: this rank keeps documents ``i`` (numbered within
+            each source) with ``i % dp_world_size == dp_rank``.
         infinite: re-loop over the data forever instead of stopping.
         restart_each_pass: start from sample 0 on every ``iter()`` (validation
             wants the same batches at every evaluation).
@@ -187,141 +331,196 @@ class LocalTextDataset(IterableDataset, Stateful):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} is outside dp_world_size {dp_world_size}")
         self.config_key = config_key
-        self.files = resolve_dataset_files(dataset_path, config_key)
+        self.sources = parse_dataset_sources(dataset_path, config_key)
         self.seq_len = seq_len
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
         self.infinite = infinite
         self.restart_each_pass = restart_each_pass
-        self.doc_indices, self._tokens = self._load_rank_share(tokenizer)
-        self._next_sample: int | None = None  # None: not started (see _first_sample)
-        self._logged_epoch = 0
-        if self.samples_per_epoch == 0:
-            logger.warning(
-                f"{config_key}: rank {dp_rank} has only {len(self._tokens)} tokens, "
-                f"fewer than one sample of {seq_len + 1}"
-                + ("; samples will wrap around" if infinite else "; it yields nothing")
-            )
+        for source in self.sources:
+            self._load(source, tokenizer)
+        # The iteration state.  positions[s] is the next sample of source s; the
+        # schedule counts from origin (all zeros unless the weights changed on
+        # resume).  None: not started yet (see _start).
+        self._weights = [source.weight for source in self.sources]
+        self._positions: list[int] | None = None
+        self._origin = [0] * len(self.sources)
+        self._logged_epoch = [0] * len(self.sources)
 
-    def _load_rank_share(self, tokenizer: BaseTokenizer) -> tuple[list[int], torch.Tensor]:
-        """Read all files, tokenize this rank's documents, return (indices, stream).
+    @property
+    def files(self) -> list[str]:
+        """All files of all sources, each once."""
+        return list(dict.fromkeys(path for source in self.sources for path in source.files))
+
+    def samples_in(self, source: DataSource) -> int:
+        """Whole samples in one pass over a source's stream on this rank."""
+        return len(source.tokens) // (self.seq_len + 1)
+
+    def _where(self, source: DataSource) -> str:
+        """How messages name a source: the config key, plus the name in a mixture."""
+        return self.config_key if len(self.sources) == 1 else f"{self.config_key} source '{source.name}'"
+
+    def _load(self, source: DataSource, tokenizer: BaseTokenizer) -> None:
+        """Read a source's files and tokenize this rank's documents into its stream.
 
         Every rank reads every file (to number documents identically) but only
         tokenizes its own share, which is the expensive part.  One log line per
-        file shows progress on big inputs.
+        file shows progress on big inputs, one per source sums it up.
         """
-        doc_indices: list[int] = []
-        chunks: list[torch.Tensor] = []
-        n_docs = 0
-        for path in self.files:
+        where, chunks, n_docs = self._where(source), [], 0
+        for path in source.files:
             file_docs, kept, file_tokens = 0, 0, 0
             for text in iter_documents(path):
                 if n_docs % self.dp_world_size == self.dp_rank:
                     ids = tokenizer.encode(text, add_bos=True, add_eos=True)
                     chunks.append(torch.tensor(ids, dtype=torch.int32))
-                    doc_indices.append(n_docs)
+                    source.doc_indices.append(n_docs)
                     kept += 1
                     file_tokens += len(ids)
                 n_docs += 1
                 file_docs += 1
                 if file_docs % PROGRESS_EVERY_DOCS == 0:
-                    logger.info(f"{self.config_key}: {path}: {file_docs} documents read ...")
+                    logger.info(f"{where}: {path}: {file_docs} documents read ...")
             logger.info(
-                f"{self.config_key}: {path}: {file_docs} documents, dp rank "
+                f"{where}: {path}: {file_docs} documents, dp rank "
                 f"{self.dp_rank}/{self.dp_world_size} keeps {kept} ({file_tokens} tokens)"
             )
         if n_docs == 0:
-            raise ValueError(f"{self.config_key}: files {self.files} contain no documents")
+            raise ValueError(f"{where}: files {source.files} contain no documents")
         if not chunks:
             raise ValueError(
-                f"{self.config_key}: {n_docs} documents are too few for "
+                f"{where}: {n_docs} documents are too few for "
                 f"dp_world_size {self.dp_world_size} (rank {self.dp_rank} gets none)"
             )
-        tokens = torch.cat(chunks)
+        source.tokens = torch.cat(chunks)
         logger.info(
-            f"{self.config_key}: dp rank {self.dp_rank} has {len(doc_indices)} of "
-            f"{n_docs} documents, {len(tokens)} tokens from {len(self.files)} files"
+            f"{self.config_key}: source '{source.name}' weight {float(source.weight):.4g}: "
+            f"{len(source.files)} files, {n_docs} documents; dp rank {self.dp_rank} has "
+            f"{len(source.doc_indices)} documents, {len(source.tokens)} tokens"
         )
-        return doc_indices, tokens
+        if self.samples_in(source) == 0:
+            logger.warning(
+                f"{where}: rank {self.dp_rank} has only {len(source.tokens)} tokens, "
+                f"fewer than one sample of {self.seq_len + 1}"
+                + ("; samples will wrap around" if self.infinite else "; it yields nothing")
+            )
 
-    @property
-    def num_tokens(self) -> int:
-        """Length of this rank's token stream (one epoch)."""
-        return len(self._tokens)
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Whole samples in one pass; the non-infinite iteration yields this many."""
-        return self.num_tokens // (self.seq_len + 1)
-
-    def sample(self, k: int) -> torch.Tensor:
-        """The ``seq_len + 1`` tokens of sample ``k`` (int64).
+    def sample(self, source: DataSource, j: int) -> torch.Tensor:
+        """The ``seq_len + 1`` tokens of a source's sample ``j`` (int64).
 
         Past the end of the stream it wraps to the start, exactly like the token
         buffer that torchtitan carries over when it re-loops a dataset.
         """
-        width, n = self.seq_len + 1, self.num_tokens
-        start = (k * width) % n
+        width, n = self.seq_len + 1, len(source.tokens)
+        start = (j * width) % n
         if start + width <= n:
-            x = self._tokens[start : start + width]
+            x = source.tokens[start : start + width]
         else:
-            x = self._tokens[(torch.arange(width) + start) % n]
+            x = source.tokens[(torch.arange(width) + start) % n]
         return x.long()
 
-    def _first_sample(self) -> int:
-        """Where a fresh iteration starts: this worker's id (workers stride)."""
+    def _advance(self) -> int | None:
+        """Schedule the next sample of the mixture and step past it.
+
+        Returns its source index, or None (leaving the state alone) when the
+        pass is finite and that source has no sample left.
+        """
+        assert self._positions is not None
+        counts = [p - o for p, o in zip(self._positions, self._origin)]
+        s = pick_source(self._weights, counts)
+        if not self.infinite and self._positions[s] >= self.samples_in(self.sources[s]):
+            return None
+        self._positions[s] += 1
+        return s
+
+    def _start(self) -> None:
+        """A fresh pass.  With DataLoader workers each holds a copy of this
+        dataset and worker w takes samples w, w + num_workers, ... of the one
+        schedule, so it first steps over the samples of the workers before it."""
+        self._positions = [0] * len(self.sources)
+        self._origin = [0] * len(self.sources)
         worker = get_worker_info()
-        return worker.id if worker is not None else 0
+        for _ in range(worker.id if worker is not None else 0):
+            self._advance()
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        # With DataLoader workers each worker holds a copy of this dataset, so
-        # worker w takes samples w, w + num_workers, ... to avoid duplicates.
         worker = get_worker_info()
         stride = worker.num_workers if worker is not None else 1
-        if self.restart_each_pass or self._next_sample is None:
-            self._next_sample = self._first_sample()
-        while self.infinite or self._next_sample < self.samples_per_epoch:
-            k = self._next_sample
-            # Advance before yielding: a state_dict() taken after this sample
-            # has been consumed must resume at the next one.
-            self._next_sample = k + stride
-            self._log_reloop(k)
-            x = self.sample(k)
+        if self.restart_each_pass or self._positions is None:
+            self._start()
+        while (s := self._advance()) is not None:
+            j = self._positions[s] - 1
+            # Step over the other workers' samples before yielding: a
+            # state_dict() taken after this sample must resume at the next one.
+            for _ in range(stride - 1):
+                if self._advance() is None:
+                    break
+            self._log_reloop(s, j)
+            x = self.sample(self.sources[s], j)
             yield {"input": x[:-1]}, x[1:]
         # Expected at the end of every validation pass; a warning for training.
         log = logger.info if self.restart_each_pass else logger.warning
         log(f"{self.config_key}: dp rank {self.dp_rank} has run out of data")
 
-    def _log_reloop(self, k: int) -> None:
-        """Log once per epoch when an infinite iteration wraps around."""
-        epoch = (k + 1) * (self.seq_len + 1) // max(self.num_tokens, 1)
-        if epoch > self._logged_epoch:
-            self._logged_epoch = epoch
-            logger.info(f"{self.config_key}: dp rank {self.dp_rank} re-looping (epoch {epoch})")
+    def _log_reloop(self, s: int, j: int) -> None:
+        """Log once per epoch of a source when an infinite iteration wraps it around."""
+        source = self.sources[s]
+        epoch = (j + 1) * (self.seq_len + 1) // max(len(source.tokens), 1)
+        if epoch > self._logged_epoch[s]:
+            self._logged_epoch[s] = epoch
+            logger.info(f"{self._where(source)}: dp rank {self.dp_rank} re-looping (epoch {epoch})")
 
     def state_dict(self) -> dict[str, Any]:
-        """Position as the next sample index, plus a fingerprint of the stream."""
-        next_sample = self._next_sample
-        if next_sample is None:
-            next_sample = self._first_sample()
+        """Each source's position (and schedule origin), plus fingerprints of the data."""
+        if self._positions is None:
+            self._start()
         return {
-            "sample_idx": next_sample,
-            "num_tokens": self.num_tokens,
             "seq_len": self.seq_len,
+            "sources": {
+                source.name: {
+                    "position": position,
+                    "origin": origin,
+                    "weight": str(source.weight),
+                    "num_tokens": len(source.tokens),
+                }
+                for source, position, origin in zip(self.sources, self._positions, self._origin)
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume at the saved sample; warn if the data no longer matches."""
-        if (state_dict.get("num_tokens"), state_dict.get("seq_len")) != (
-            self.num_tokens,
-            self.seq_len,
-        ):
+        """Resume each source at its saved position; warn if the data changed.
+
+        If the sources or weights changed, each source still resumes where it
+        stopped and the new interleaving starts from there (with DataLoader
+        workers, only approximately).  A checkpoint from before mixtures (one
+        ``sample_idx``) resumes the first source.
+        """
+        saved = state_dict.get("sources") or {
+            self.sources[0].name: {"position": state_dict["sample_idx"], "weight": "1",
+                                   "num_tokens": state_dict.get("num_tokens")}
+        }
+        positions = [int(saved.get(s.name, {}).get("position", 0)) for s in self.sources]
+        before = {name: v["weight"] for name, v in saved.items()}
+        now = {s.name: str(s.weight) for s in self.sources}
+        if before == now:
+            self._origin = [int(saved[s.name].get("origin", 0)) for s in self.sources]
+        else:
+            self._origin = list(positions)
             logger.warning(
-                f"{self.config_key}: checkpointed data had {state_dict.get('num_tokens')} "
-                f"tokens / seq_len {state_dict.get('seq_len')}, now {self.num_tokens} / "
-                f"{self.seq_len}; resuming by sample index, batches will differ"
+                f"{self.config_key}: checkpointed source weights {before} differ from {now}; "
+                "each source resumes at its position, the interleaving starts afresh"
             )
-        self._next_sample = int(state_dict["sample_idx"])
+        self._positions = positions
+        for source in self.sources:
+            old = saved.get(source.name, {}).get("num_tokens")
+            if old is not None and (old, state_dict.get("seq_len", self.seq_len)) != (
+                len(source.tokens), self.seq_len
+            ):
+                logger.warning(
+                    f"{self._where(source)}: checkpointed data had {old} tokens / seq_len "
+                    f"{state_dict.get('seq_len')}, now {len(source.tokens)} / {self.seq_len}; "
+                    "resuming by sample index, batches will differ"
+                )
 
 
 # --------------------------------------------------------------------------- #

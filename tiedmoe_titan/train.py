@@ -1,7 +1,10 @@
 """``tiedmoe-train RECIPE.toml [--section.key value ...]``: train with torchtitan's Trainer.
 
-The trainer is torchtitan's, with one addition: the routers' auxiliary losses join
-the training loss (torchtitan 0.2.2's loss function only sees logits and labels).
+The trainer is torchtitan's, with two additions: the routers' auxiliary losses join
+the training loss (torchtitan 0.2.2's loss function only sees logits and labels), and
+preemption signals (SIGTERM, SIGUSR1) stop the run at the next step boundary on all
+ranks together with a full checkpoint; under SLURM rank 0 then requeues the job, and
+the requeued job resumes from that checkpoint (torchtitan loads the latest one).
 
 How the routing loss scales. torchtitan divides each microbatch's summed
 cross-entropy by the number of valid tokens in the whole global batch (all
@@ -19,7 +22,9 @@ across recipes; routing losses are logged under ``moe/``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 
 import torch
@@ -35,11 +40,55 @@ from .models.moe import model_routing_loss
 USAGE = "usage: tiedmoe-train RECIPE.toml [--section.key value ...]"
 
 
+# SLURM sends SIGUSR1 ahead of a preemption or time limit (slurm/train.sbatch), a
+# scheduler or a user SIGTERM.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class TiedMoETrainer(Trainer):
     def __init__(self, job_config):
         super().__init__(job_config)
         self.cross_entropy_fn = self.loss_fn
         self.loss_fn = self.loss_with_routing
+        self.stop_signal: int | None = None
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        # Only a flag: the step (or a checkpoint save) under way runs to completion, and
+        # a second signal changes nothing.
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            logger.warning(f"{signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint")
+
+    def _all_ranks_stop(self) -> bool:
+        """Whether any rank was signalled; every rank learns it at the same step."""
+        flag = torch.tensor([0 if self.stop_signal is None else 1], device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def should_continue_training(self) -> bool:
+        if self.step < self.job_config.training.steps and self._all_ranks_stop():
+            self._save_for_resume()
+            return False
+        return super().should_continue_training()
+
+    def _save_for_resume(self) -> None:
+        """Save the full state (torchtitan's last-step save keeps only the model by
+        default), then ask SLURM to requeue the job, which resumes from it."""
+        if not self.job_config.checkpoint.enable:
+            logger.warning("checkpoint.enable = false: stopping without a checkpoint, the run cannot resume")
+        else:
+            self.checkpointer.last_save_model_only = False
+            self.checkpointer.save(self.step, last_step=True)
+            logger.info(f"Saved a checkpoint for resumption at step {self.step}")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0 and os.environ.get("SLURM_JOB_ID") and os.environ.get("TIEDMOE_REQUEUE", "1") == "1":
+            job = os.environ["SLURM_JOB_ID"]
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            logger.info(f"scontrol requeue {job}: {'done' if done.returncode == 0 else done.stderr.strip()}")
 
     def loss_with_routing(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss_sum = self.cross_entropy_fn(pred, labels)

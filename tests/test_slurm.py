@@ -1,0 +1,150 @@
+"""slurm/train.sbatch on a real single-node SLURM (slurmctld + slurmd on localhost).
+
+The job trains the debug recipe on CPU; mid-run the test sends the preemption signal
+to the batch shell (`scancel --signal=USR1 --batch`), as `--signal=B:USR1@...` would.
+The job must save a checkpoint, requeue itself, resume from that checkpoint and finish.
+
+Needs Debian's slurm-wlm (`.ci/run` installs it). Set TIEDMOE_NO_SLURM=1 to skip where
+SLURM cannot run; the skip prints why.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+RECIPE = "recipes/debug_cpu.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_unavailable() -> str | None:
+    if os.environ.get("TIEDMOE_NO_SLURM") == "1":
+        return "TIEDMOE_NO_SLURM=1: SLURM declared unavailable on this machine"
+    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel")):
+        if os.environ.get("CI"):
+            pytest.fail("slurm-wlm is not installed: .ci/run must install it (apt-get install slurm-wlm)")
+        return "slurm-wlm is not installed (apt-get install slurm-wlm)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = slurm_unavailable()
+    if reason:
+        print(f"SKIP test_slurm: {reason}")
+        pytest.skip(reason)
+    d = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (d / sub).mkdir()
+    cpus = os.cpu_count() or 2
+    conf = d / "slurm.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=tiedmoe",
+                "SlurmctldHost=localhost",
+                f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}",
+                "AuthType=auth/none",
+                "CredType=cred/none",
+                "AuthInfo=cred_expire=5",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "MpiDefault=none",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                "ReturnToService=2",
+                "JobRequeue=1",
+                "SchedulerParameters=sched_interval=1,bf_interval=1",
+                f"StateSaveLocation={d}/state",
+                f"SlurmdSpoolDir={d}/spool",
+                f"SlurmctldPidFile={d}/slurmctld.pid",
+                f"SlurmdPidFile={d}/slurmd.pid",
+                f"SlurmctldLogFile={d}/slurmctld.log",
+                f"SlurmdLogFile={d}/slurmd.log",
+                f"NodeName=localhost CPUs={cpus} State=UNKNOWN",
+                "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+            ]
+        )
+        + "\n"
+    )
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = [
+        subprocess.Popen(["slurmctld", "-D", "-i"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
+        subprocess.Popen(["slurmd", "-D", "-N", "localhost"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
+    ]
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip() in ("idle", "idle*"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"SLURM did not come up: {(d / 'slurmctld.log').read_text()[-2000:]}")
+        yield env, d
+    finally:
+        for p in daemons:
+            p.terminate()
+        for p in daemons:
+            p.wait(timeout=30)
+
+
+def job_field(env, job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
+    env, d = slurm
+    log = tmp_path / "job.out"
+    dump = tmp_path / "run"
+    submit = subprocess.run(
+        [
+            "sbatch", "--parsable", f"--output={log}", "--nodes=1", "slurm/train.sbatch", RECIPE,
+            "--job.dump_folder", str(dump), "--training.steps", "40", "--training.seq_len", "64",
+            "--training.local_batch_size", "4", "--metrics.log_freq", "1", "--validation.no-enable",
+            "--checkpoint.enable", "--checkpoint.interval", "1000",
+        ],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    job = submit.stdout.strip().split(";")[0]
+
+    def training_started():
+        return log.exists() and re.search(r"step:\s*3\s", re.sub(r"\x1b\[[0-9;]*m", "", log.read_text()))
+
+    wait_for(training_started, 180, "the job to train a few steps")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    wait_for(lambda: job_field(env, job, "Restarts") not in ("", "0"), 180, "the job to requeue")
+    wait_for(lambda: job_field(env, job, "JobState") == "COMPLETED", 300, "the requeued job to finish")
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
+    saved = re.search(r"Saved a checkpoint for resumption at step (\d+)", text)
+    assert saved, text[-3000:]
+    step = int(saved.group(1))
+    assert 3 <= step < 40
+    assert "scontrol requeue" in text and "restart 1" in text
+    assert f"Loading the checkpoint from {dump}/checkpoint/step-{step}" in text
+    assert f"Training starts at step {step + 1}" in text
+    assert re.search(r"step:\s*40\s", text)
+    assert job_field(env, job, "ExitCode") == "0:0"
