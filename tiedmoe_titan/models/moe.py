@@ -74,6 +74,11 @@ class LogitsKeepingLinear(nn.Linear):
         return self.logits
 
 
+ROUTING_STATS = ("entropy_sum", "tokens", "lb_sum", "z_sum", "forwards")
+"""Entries of ``TiedMoE.stats_routing``: router entropy (nats) summed over tokens, tokens
+routed, load-balancing and z-loss summed over forwards, and the number of forwards."""
+
+
 class TiedMoE(MoE):
     """torchtitan's MoE layer reading its routed experts from ``bank``.
 
@@ -103,6 +108,11 @@ class TiedMoE(MoE):
         self.routing_losses: tuple[torch.Tensor, torch.Tensor] | None = None
         gate = self.router.gate
         self.router.gate = LogitsKeepingLinear(gate.in_features, gate.out_features, bias=gate.bias is not None)
+        # Routing statistics for tiedmoe_titan.metrics, which reads and resets them:
+        # accumulated on device by training forwards (not by activation-checkpoint
+        # recomputes, not in eval mode); never saved. See ``ROUTING_STATS``.
+        self.register_buffer("stats_tokens_per_expert", torch.zeros(bank.num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("stats_routing", torch.zeros(len(ROUTING_STATS), dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torchtitan's MoE adds this forward's routed assignments to tokens_per_expert.
@@ -112,12 +122,43 @@ class TiedMoE(MoE):
         logits, gate.logits = gate.logits, None
         # Computed during an activation-checkpointing recompute too: the recompute
         # must save the same tensors as the forward. Kept only from the forward.
-        losses = routing_losses(logits, self.tokens_per_expert - counted_before, self.router.top_k, self.score_func)
+        counts = self.tokens_per_expert - counted_before
+        losses = routing_losses(logits, counts, self.router.top_k, self.score_func)
         if not in_backward():
             self.routing_losses = losses
+            if self.training:
+                self._accumulate_statistics(logits, counts, losses)
         return out
 
+    @torch.no_grad()
+    def _accumulate_statistics(
+        self, logits: torch.Tensor, counts: torch.Tensor, losses: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        """Add one forward's routing to the statistics buffers, on device (no host sync)."""
+        logits = logits.detach().float()
+        if self.score_func == "softmax":
+            log_p = F.log_softmax(logits, dim=-1)
+        else:  # the normalised sigmoid scores, as routing_losses balances them
+            log_s = F.logsigmoid(logits)
+            log_p = log_s - torch.logsumexp(log_s, dim=-1, keepdim=True)
+        entropy_sum = -(log_p.exp() * log_p).sum()
+        one = entropy_sum.new_ones(())
+        lb, z = losses
+        self.stats_tokens_per_expert.add_(counts.float())
+        # Order: ROUTING_STATS.
+        self.stats_routing.add_(torch.stack([entropy_sum, one * logits.shape[0], lb.detach().float(), z.detach().float(), one]))
+
+    def reset_statistics(self, device: torch.device | str | None = None) -> None:
+        """Zero the statistics (and, given ``device``, re-create them there)."""
+        if device is None:
+            self.stats_tokens_per_expert.zero_()
+            self.stats_routing.zero_()
+            return
+        self.stats_tokens_per_expert = torch.zeros(self.experts.num_experts, dtype=torch.float32, device=device)
+        self.stats_routing = torch.zeros(len(ROUTING_STATS), dtype=torch.float32, device=device)
+
     def init_weights(self, init_std: float, buffer_device: torch.device) -> None:
+        self.reset_statistics(buffer_device)  # to_empty() left them uninitialised
         if self.owns_bank:
             super().init_weights(init_std, buffer_device)
             return
