@@ -6,7 +6,8 @@ so recipes gain two sections, overridable from the command line like any torchti
 key (``--tying.group_size 4``):
 
 * ``[tying]``: which layers share a bank of routed experts (see ``tiedmoe_titan.tying``);
-* ``[routing]``: the router's training objective (aux loss, z-loss, expert bias).
+* ``[routing]``: the router's training objective (aux loss, z-loss, expert bias);
+* ``[nan_guard]``: how many non-finite steps to skip before stopping.
 
 A recipe may start with ``extends = "other.toml"`` (a path relative to the recipe):
 it then holds only what differs from that recipe; tables merge key by key.
@@ -25,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint import NanGuardConfig
 from .models.family import RoutingConfig
 from .tying import TieConfig
 
@@ -41,6 +43,7 @@ EXTENDS = "extends"
 class JobConfig:
     tying: TieConfig = field(default_factory=TieConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
 
 
 class RecipeError(ValueError):

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -34,6 +35,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
+from .checkpoint import CheckpointMismatch, NonFiniteGuard, NonFiniteTraining, check_compatible, complete_steps, set_aside_incomplete
 from .config import RecipeError, check_run, parse_recipe, write_resolved_recipe
 from .models.moe import model_routing_loss
 
@@ -53,6 +55,27 @@ class TiedMoETrainer(Trainer):
         self.stop_signal: int | None = None
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._request_stop)
+        self.nonfinite_guard = NonFiniteGuard(self.optimizers, self.model_parts, job_config.nan_guard.max_skipped_steps)
+        if job_config.checkpoint.enable:
+            self._check_checkpoints()
+
+    def _check_checkpoints(self) -> None:
+        """Set interrupted saves aside and make sure the checkpoint to resume from fits
+        the recipe's model, before torchtitan's loader touches it."""
+        folder = self.checkpointer.folder
+        if torch.distributed.get_rank() == 0:
+            set_aside_incomplete(folder)
+        torch.distributed.barrier()
+        steps = complete_steps(folder)
+        load_step = self.job_config.checkpoint.load_step
+        step = steps[-1] if load_step == -1 and steps else load_step
+        if step > 0 and os.path.isdir(os.path.join(folder, f"step-{step}")):
+            check_compatible(os.path.join(folder, f"step-{step}"), self.checkpointer.states["model"].state_dict())
+
+    def forward_backward_step(self, **kwargs) -> torch.Tensor:
+        loss = super().forward_backward_step(**kwargs)
+        self.nonfinite_guard.observe_loss(loss)
+        return loss
 
     def _request_stop(self, signum, frame) -> None:
         # Only a flag: the step (or a checkpoint save) under way runs to completion, and
@@ -122,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0].startswith("-"):
         raise SystemExit(USAGE)
     _single_process_env()
+    # torchdata's loader calls an API torch deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     try:
         job_config = parse_recipe(argv[0], argv[1:])
         check_run(job_config, int(os.environ["WORLD_SIZE"]))
@@ -137,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = TiedMoETrainer(job_config)
         trainer.train()
+    except (CheckpointMismatch, NonFiniteTraining) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"tiedmoe-train: error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, CheckpointMismatch) else 3) from None
     finally:
         if trainer is not None:
             trainer.close()

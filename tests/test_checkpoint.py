@@ -1,0 +1,120 @@
+"""Checkpoints through tiedmoe-train: exact resume, interrupted saves, mismatched
+layouts, non-finite steps."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+RECIPE = "recipes/debug_cpu.toml"
+SMALL = [
+    "--training.seq_len", "64", "--training.local_batch_size", "2", "--training.global_batch_size", "4",
+    "--routing.expert_bias_rate", "0.001", "--metrics.log_freq", "1", "--validation.no-enable",
+    "--checkpoint.enable", "--checkpoint.no-last-save-model-only", "--lr_scheduler.warmup_steps", "2",
+]
+
+
+def train(dump, *overrides, check=True):
+    out = subprocess.run(
+        [sys.executable, "-m", "tiedmoe_titan.train", RECIPE, "--job.dump_folder", str(dump), *SMALL, *overrides],
+        capture_output=True, text=True, timeout=600,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def load_all(checkpoint_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (model, optimizer, expert bias, ...)."""
+    metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
+    state = {
+        key: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in metadata.state_dict_metadata.items()
+        if hasattr(md, "size")
+    }
+    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    return state
+
+
+def interrupted_train(dump, at_step: int, *overrides):
+    """tiedmoe-train, sent SIGTERM once it has logged ``at_step``: it saves and exits 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiedmoe_titan.train", RECIPE, "--job.dump_folder", str(dump), *SMALL, *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(rf"step:\s*{at_step}\s", re.sub(r"\x1b\[[0-9;]*m", "", line)):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    return "".join(lines)
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    """G=2, gradient accumulation 2, aux-loss-free expert bias: a run stopped by SIGTERM
+    and resumed ends with every tensor (model, optimizer, expert bias) bit for bit equal
+    to the uninterrupted run's, and logs the same losses."""
+    steps = ["--training.steps", "6", "--checkpoint.interval", "6"]
+    straight = train(tmp_path / "straight", *steps)
+    first = interrupted_train(tmp_path / "resumed", 2, *steps)
+    saved = int(re.search(r"Saved a checkpoint for resumption at step (\d+)", first).group(1))
+    assert 2 <= saved < 6
+    second = train(tmp_path / "resumed", *steps)
+    assert f"Training starts at step {saved + 1}" in second.stdout + second.stderr
+
+    def losses(text):
+        return dict(re.findall(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", text)))
+
+    resumed = {**losses(first), **losses(second.stdout + second.stderr)}
+    assert resumed == losses(straight.stdout + straight.stderr)
+    a, b = load_all(tmp_path / "straight" / "checkpoint" / "step-6"), load_all(tmp_path / "resumed" / "checkpoint" / "step-6")
+    assert a.keys() == b.keys()
+    assert any("expert_bias" in k for k in a) and any("exp_avg_sq" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_interrupted_save_is_set_aside_and_previous_checkpoint_resumes(tmp_path):
+    train(tmp_path, "--training.steps", "4", "--checkpoint.interval", "2")
+    folder = tmp_path / "checkpoint"
+    # What a kill during a save leaves: the folder without DCP's metadata (written last).
+    os.remove(folder / "step-4" / ".metadata")
+    out = train(tmp_path, "--training.steps", "5", "--checkpoint.interval", "1000")
+    log = out.stdout + out.stderr
+    assert "Checkpoint step-4 is incomplete" in log and "resuming from step-2" in log
+    assert "Training starts at step 3" in log
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) == ["step-2", "step-5"]
+    assert any(p.name.startswith("incomplete-4-") for p in folder.iterdir())
+
+
+def test_resume_with_another_tie_layout_is_one_clear_line(tmp_path):
+    train(tmp_path, "--training.steps", "2", "--checkpoint.interval", "2")
+    out = train(tmp_path, "--training.steps", "4", "--tying.bank_expansion", "2", check=False)
+    assert out.returncode == 2
+    assert "tiedmoe-train: error: the bank of layers.2 (w1) has 8 experts in step-2, 16 in the recipe" in out.stderr
+    out = train(tmp_path, "--training.steps", "4", "--tying.group_size", "3", "--tying.untied_first", "1", "--tying.untied_last", "1", check=False)
+    assert out.returncode == 2 and "tie layout" in out.stderr.splitlines()[-1]
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    train(tmp_path, "--training.steps", "2", "--checkpoint.interval", "2")
+    # A NaN routing-loss weight makes every loss NaN from here on.
+    out = train(tmp_path, "--training.steps", "8", "--checkpoint.interval", "1", "--routing.aux_loss_coeff", "nan", "--nan_guard.max_skipped_steps", "1", check=False)
+    log = out.stdout + out.stderr
+    assert out.returncode == 3, log[-2000:]
+    assert "step skipped (1 of at most 1)" in log
+    assert "non-finite loss or gradient in 2 step(s)" in out.stderr
+    # Step 3 was skipped (weights unchanged, saved as step-3); step 4 stopped the run unsaved.
+    saved = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert saved == ["step-2", "step-3"]
+    before, after = load_all(tmp_path / "checkpoint" / "step-2"), load_all(tmp_path / "checkpoint" / "step-3")
+    for key, value in before.items():
+        if not key.startswith(("optimizer", "lr_scheduler", "train_state")) and "tokens_per_expert" not in key:
+            assert torch.equal(value, after[key]), key
+            assert not value.is_floating_point() or torch.isfinite(value).all()
