@@ -50,7 +50,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 import torch
@@ -62,10 +61,11 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
+from .tokenizer import ASSETS_DIR
+
 if TYPE_CHECKING:  # importing validate pulls in pipelining; only needed for typing
     from torchtitan.components.validate import BaseValidator
 
-ASSETS_DIR = str(Path(__file__).resolve().parent / "assets")
 DEFAULT_CORPUS_DIR = os.path.join(ASSETS_DIR, "corpus")
 DEFAULT_TRAIN_PATH = os.path.join(DEFAULT_CORPUS_DIR, "train.jsonl")
 DEFAULT_VALID_PATH = os.path.join(DEFAULT_CORPUS_DIR, "valid.jsonl")
@@ -529,15 +529,28 @@ class LocalTextDataset(IterableDataset, Stateful):
 
 
 def _build_loader(
-    dataset: LocalTextDataset,
-    batch_size: int,
-    dataloader_config: Any,
+    section: Any,
+    config_key: str,
+    tokenizer: BaseTokenizer,
+    dp_rank: int,
+    dp_world_size: int,
+    infinite: bool,
+    restart_each_pass: bool = False,
 ) -> ParallelAwareDataloader:
-    """Wrap a dataset like torchtitan does: config dataloader kwargs + batch size."""
-    kwargs = {**asdict(dataloader_config), "batch_size": batch_size}
-    return ParallelAwareDataloader(
-        dataset, dp_rank=dataset.dp_rank, dp_world_size=dataset.dp_world_size, **kwargs
+    """A loader over ``section.dataset_path`` (``section`` is the recipe's [training]
+    or [validation]), wrapped like torchtitan does: its dataloader kwargs + batch size."""
+    dataset = LocalTextDataset(
+        section.dataset_path,
+        tokenizer,
+        seq_len=section.seq_len,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        infinite=infinite,
+        restart_each_pass=restart_each_pass,
+        config_key=config_key,
     )
+    kwargs = {**asdict(section.dataloader), "batch_size": section.local_batch_size}
+    return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
 
 
 def build_local_text_dataloader(
@@ -552,17 +565,7 @@ def build_local_text_dataloader(
     Same signature as torchtitan's ``build_text_dataloader``;
     ``training.dataset`` (a HuggingFace dataset name) is ignored.
     """
-    cfg = job_config.training
-    dataset = LocalTextDataset(
-        cfg.dataset_path,
-        tokenizer,
-        seq_len=cfg.seq_len,
-        dp_rank=dp_rank,
-        dp_world_size=dp_world_size,
-        infinite=infinite,
-        config_key="training.dataset_path",
-    )
-    return _build_loader(dataset, cfg.local_batch_size, cfg.dataloader)
+    return _build_loader(job_config.training, "training.dataset_path", tokenizer, dp_rank, dp_world_size, infinite)
 
 
 def build_local_validation_dataloader(
@@ -578,18 +581,9 @@ def build_local_validation_dataloader(
     torchtitan's, every evaluation restarts at the first sample, so losses at
     different steps are measured on the same batches.
     """
-    cfg = job_config.validation
-    dataset = LocalTextDataset(
-        cfg.dataset_path,
-        tokenizer,
-        seq_len=cfg.seq_len,
-        dp_rank=dp_rank,
-        dp_world_size=dp_world_size,
-        infinite=infinite,
-        restart_each_pass=True,
-        config_key="validation.dataset_path",
+    return _build_loader(
+        job_config.validation, "validation.dataset_path", tokenizer, dp_rank, dp_world_size, infinite, restart_each_pass=True
     )
-    return _build_loader(dataset, cfg.local_batch_size, cfg.dataloader)
 
 
 @contextmanager
