@@ -143,7 +143,6 @@ def table(rows: list[dict]) -> str:
 def worker(a) -> None:
     import torch.distributed as dist
 
-    from tiedmoe_titan.shard_check import local_device
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rows = run_variants(a)

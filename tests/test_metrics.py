@@ -7,18 +7,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import build_model, flavor_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_optim import single_process_dims
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
 from torchtitan.config import JobConfig
 
 from tiedmoe_titan.metrics import TiedMetricsProcessor, build_tied_metrics_processor, usage_overlap
 from tiedmoe_titan.models import FAMILIES
 from tiedmoe_titan.models.moe import ROUTING_STATS, tied_moe_layers
 from tiedmoe_titan.tying import TieConfig
-
-from conftest import build_model, flavor_args
-from test_optim import single_process_dims
 
 # qwen3 debug: 8 MoE layers, 8 experts, top-2. Banks: 0:(0) 1:(1) 2:(2,3) 3:(4,5) 4:(6) 5:(7).
 TIED_2 = TieConfig(group_size=2, untied_first=2, untied_last=2)

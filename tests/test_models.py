@@ -5,14 +5,12 @@ import dataclasses
 
 import pytest
 import torch
-
+from conftest import build_model
 from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
 from torchtitan.models.qwen3.model.model import Qwen3Model
 
-from tiedmoe_titan.models import ExpertBank, TiedMoE
+from tiedmoe_titan.models import ExpertBank
 from tiedmoe_titan.tying import TieConfig
-
-from conftest import build_model, flavor_args
 
 TIED_2 = TieConfig(group_size=2, untied_first=2, untied_last=2)
 

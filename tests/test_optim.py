@@ -4,14 +4,12 @@ import math
 
 import pytest
 import torch
-
+from conftest import build_model
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
 from tiedmoe_titan.optim import build_tied_optimizers
 from tiedmoe_titan.tying import TieConfig
-
-from conftest import build_model
 
 
 def single_process_dims() -> ParallelDims:

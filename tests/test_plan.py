@@ -5,16 +5,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
+from conftest import build_model, flavor_args
 from torchtitan.models.utils import get_moe_model_nparams_and_flops
 
 from tiedmoe_titan.config import RecipeError, parse_recipe
 from tiedmoe_titan.models import FAMILIES
 from tiedmoe_titan.plan import plan
 from tiedmoe_titan.tying import TieConfig
-
-from conftest import build_model, flavor_args
 
 RECIPE = "recipes/debug_cpu.toml"
 

@@ -5,14 +5,13 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_model, flavor_args
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from tiedmoe_titan.models import model_routing_loss, routing_losses
 from tiedmoe_titan.models.moe import tied_moe_layers
 from tiedmoe_titan.train import TiedMoETrainer
 from tiedmoe_titan.tying import TieConfig
-
-from conftest import build_model, flavor_args
 
 TIED_2 = TieConfig(group_size=2, untied_first=2, untied_last=2)
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from torchtitan.tools.logging import logger
 
 STEP = re.compile(r"^step-(\d+)$")

@@ -46,7 +46,6 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-
 from torchtitan.components.metrics import LoggerContainer, MetricsProcessor, TensorBoardLogger
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims

@@ -16,9 +16,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
-
 from torchtitan.components.ft import FTManager
-from torchtitan.components.optimizer import build_optimizers, OptimizersContainer, OptimizersInBackwardContainer
+from torchtitan.components.optimizer import OptimizersContainer, OptimizersInBackwardContainer, build_optimizers
 from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 

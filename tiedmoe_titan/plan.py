@@ -59,7 +59,6 @@ def shard_dry_run(job_config, world_size: int) -> dict:
     of the model is allocated."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-
     from torchtitan.distributed.utils import init_fake_mode
 
     from .models.bank import ExpertBank

@@ -19,10 +19,9 @@ Run under torchrun: ``torchrun --nproc-per-node 4 -m tiedmoe_titan.shard_check
 from __future__ import annotations
 
 import argparse
-import os
-import contextlib
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,10 +31,10 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-
-import tiedmoe_titan  # noqa: F401  (CPU support)
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
+
+import tiedmoe_titan  # noqa: F401  (CPU support)
 
 from .models import FAMILIES
 from .models.bank import ExpertBank

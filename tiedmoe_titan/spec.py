@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.protocols.train_spec import TrainSpec, register_train_spec, get_train_spec
+from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
 from .models import FAMILIES
 from .optim import build_tied_optimizers

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
-
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 

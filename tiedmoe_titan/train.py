@@ -29,11 +29,11 @@ import sys
 import warnings
 
 import torch
-
-import tiedmoe_titan  # noqa: F401  (CPU support, train specs)
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
+
+import tiedmoe_titan  # noqa: F401  (CPU support, train specs)
 
 from .checkpoint import CheckpointMismatch, NonFiniteGuard, NonFiniteTraining, check_compatible, complete_steps, set_aside_incomplete
 from .config import RecipeError, check_run, parse_recipe, write_resolved_recipe

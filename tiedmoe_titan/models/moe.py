@@ -18,7 +18,6 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torchtitan.models.moe import MoE, MoEArgs
 
 from ..tying import TieLayout

@@ -11,7 +11,6 @@ import dataclasses
 
 import torch
 from torch import nn
-
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3.model.model import Attention
 
