@@ -118,3 +118,36 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
         if not key.startswith(("optimizer", "lr_scheduler", "train_state")) and "tokens_per_expert" not in key:
             assert torch.equal(value, after[key]), key
             assert not value.is_floating_point() or torch.isfinite(value).all()
+
+
+def test_interrupted_and_resumed_fsdp_ep_run_is_bit_identical(tmp_path):
+    """The same under torchrun with dp_shard=2 and EP=2 (tied G=2): the signal reaches
+    one process group, both ranks stop at the same step, and the resumed sharded state
+    equals the uninterrupted one bit for bit."""
+    layout = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2",
+              "--training.global_batch_size", "8", "--training.steps", "5", "--checkpoint.interval", "5"]
+
+    def launch(dump, stop_at=None):
+        proc = subprocess.Popen(
+            ["launch/single_node.sh", RECIPE, "--job.dump_folder", str(dump), *SMALL, *layout],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if stop_at and re.search(rf"step:\s*{stop_at}\s", re.sub(r"\x1b\[[0-9;]*m", "", line)):
+                proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+        proc.wait(timeout=600)
+        return "".join(lines)
+
+    straight = launch(tmp_path / "straight")
+    assert "Training finished" in straight, straight[-3000:]
+    first = launch(tmp_path / "resumed", stop_at=2)
+    saved = int(re.search(r"Saved a checkpoint for resumption at step (\d+)", first).group(1))
+    assert 2 <= saved < 5
+    second = launch(tmp_path / "resumed")
+    assert f"Training starts at step {saved + 1}" in second and "Training finished" in second
+    a, b = load_all(tmp_path / "straight" / "checkpoint" / "step-5"), load_all(tmp_path / "resumed" / "checkpoint" / "step-5")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
