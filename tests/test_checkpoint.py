@@ -151,3 +151,25 @@ def test_interrupted_and_resumed_fsdp_ep_run_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_resharded_resume_needs_an_explicit_data_choice(tmp_path):
+    """Saved by 2 processes (dp_shard=2, EP=2), resumed by 1 (EP=1): DCP reshards model
+    and optimizer, but the data position only with the user's explicit choice."""
+    two = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2"]
+    out = subprocess.run(
+        ["launch/single_node.sh", RECIPE, "--job.dump_folder", str(tmp_path), *SMALL, *two,
+         "--training.steps", "6", "--checkpoint.interval", "6"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    before = [float(v) for v in re.findall(r"step:\s*\d+\s+loss:\s*([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr))]
+    refused = train(tmp_path, "--training.steps", "7", check=False)
+    assert refused.returncode == 2
+    assert "step-6 holds the data positions of 2 data-parallel ranks, this run has 1" in refused.stderr.splitlines()[-1]
+    resumed = train(tmp_path, "--training.steps", "7", "--checkpoint.exclude_from_loading", "dataloader")
+    log = re.sub(r"\x1b\[[0-9;]*m", "", resumed.stdout + resumed.stderr)
+    assert "Training starts at step 7" in log
+    (after,) = [float(v) for v in re.findall(r"step:\s*7\s+loss:\s*([0-9.]+)", log)]
+    # The resharded weights are the trained ones, not a fresh init.
+    assert abs(after - before[-1]) < 1.0 and after < before[0] - 0.5

@@ -79,17 +79,28 @@ def _describe(key: str) -> str:
     return f"the bank of layers.{m.group(1)} ({m.group(2)})" if m else key
 
 
-def check_compatible(checkpoint_dir: str, model_state: dict[str, torch.Tensor]) -> None:
-    """Compare the model tensors stored in a DCP checkpoint with the model's."""
+def check_compatible(
+    checkpoint_dir: str, model_state: dict[str, torch.Tensor], dp_ranks: int, loads_dataloader: bool
+) -> None:
+    """Compare a DCP checkpoint with the run about to load it: model tensor shapes, and
+    the data-parallel size its data positions were saved with.
+
+    DCP reshards model and optimizer to any layout. The data position does not carry
+    over to another data-parallel size (each rank reads its own documents), so that
+    needs the user's explicit choice to restart the data stream, never a silent one."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    stored = {
-        key: tuple(md.size)
-        for key, md in FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata.items()
-        if isinstance(md, TensorStorageMetadata)
-    }
+    metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    stored = {key: tuple(md.size) for key, md in metadata.items() if isinstance(md, TensorStorageMetadata)}
     where = os.path.basename(checkpoint_dir.rstrip("/"))
+    saved_ranks = sum(1 for key in metadata if key.startswith("dataloader.dp_rank_"))
+    if loads_dataloader and saved_ranks and saved_ranks != dp_ranks:
+        raise CheckpointMismatch(
+            f"{where} holds the data positions of {saved_ranks} data-parallel ranks, this run has {dp_ranks}: "
+            f"resume with {saved_ranks}, or pass --checkpoint.exclude_from_loading dataloader to reshard model "
+            "and optimizer and restart the data stream"
+        )
     # Banks first: a different layout shows there, and routers then differ as a consequence.
     for key, tensor in sorted(model_state.items(), key=lambda kv: ".moe.experts." not in kv[0]):
         expected = tuple(tensor.shape)

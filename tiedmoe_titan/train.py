@@ -70,7 +70,13 @@ class TiedMoETrainer(Trainer):
         load_step = self.job_config.checkpoint.load_step
         step = steps[-1] if load_step == -1 and steps else load_step
         if step > 0 and os.path.isdir(os.path.join(folder, f"step-{step}")):
-            check_compatible(os.path.join(folder, f"step-{step}"), self.checkpointer.states["model"].state_dict())
+            dims = self.parallel_dims
+            check_compatible(
+                os.path.join(folder, f"step-{step}"),
+                self.checkpointer.states["model"].state_dict(),
+                dp_ranks=dims.dp_replicate * dims.dp_shard,
+                loads_dataloader="dataloader" not in self.job_config.checkpoint.exclude_from_loading,
+            )
 
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
