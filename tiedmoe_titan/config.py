@@ -130,7 +130,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if origin is typing.Literal:
         return value in args
     if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else isinstance(value, list)
+        if not isinstance(value, (list, tuple)):
+            return False
+        return not args or all(_type_ok(v, args[0]) for v in value)
     if origin is dict:
         return isinstance(value, dict)
     if hint is type(None):

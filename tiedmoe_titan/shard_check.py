@@ -214,11 +214,14 @@ def expert_unit_bytes(model) -> set[int]:
         if not isinstance(module, FSDPModule):
             continue
         for group in module._get_fsdp_state()._fsdp_param_groups:
-            if any(isinstance(m, ExpertBank) for m in group.modules for m in m.modules()):
-                world = group.mesh_info.shard_mesh_size
-                sizes.add(sum(p._sharded_param_data.numel() * p.param_dtype.itemsize if p.param_dtype else
-                              p._sharded_param_data.numel() * p._sharded_param_data.element_size()
-                              for p in group.fsdp_params) * world)
+            if not any(isinstance(sub, ExpertBank) for unit in group.modules for sub in unit.modules()):
+                continue
+            # All-gathers move parameters in their mixed-precision dtype, if one is set.
+            shard_bytes = sum(
+                p._sharded_param_data.numel() * (p.param_dtype or p._sharded_param_data.dtype).itemsize
+                for p in group.fsdp_params
+            )
+            sizes.add(shard_bytes * group.mesh_info.shard_mesh_size)
     return sizes
 
 
