@@ -10,6 +10,10 @@
   model's, and a difference is reported in one line in terms of banks and layers
   (``bank of layers.2 has 16 experts in the checkpoint, 8 in the recipe``) instead of a
   tensor-shape traceback from deep inside DCP.
+* RNG states: each rank's generators are saved (``RngState``) and restored when the
+  resuming run has the same number of ranks (a resharded run has other ranks, so it
+  keeps its own). Nothing in the models draws random numbers after initialisation
+  today; this keeps resumes exact for anything that will (dropout, noisy routing).
 * Non-finite steps: ``NonFiniteGuard`` skips an optimizer step whose loss or gradients
   are not finite (all ranks together), up to a limit, then stops the run without
   saving, so the last good checkpoint stays the latest.
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.tools.logging import logger
 
 STEP = re.compile(r"^step-(\d+)$")
@@ -35,6 +40,35 @@ class NanGuardConfig:
 
     max_skipped_steps: int = 0
     """Steps with a non-finite loss or gradient to skip before stopping (0: stop at the first)."""
+
+
+class RngState(Stateful):
+    """This rank's RNG states, under a per-rank key (``rng.rank_<r>.cpu``, ``...accelerator``)."""
+
+    KEY = "rng"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        states = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states["accelerator"] = torch.cuda.get_rng_state()
+        return {f"rank_{self.rank}": states}
+
+    def load_state_dict(self, state_dict: dict[str, dict[str, torch.Tensor]]) -> None:
+        states = state_dict[f"rank_{self.rank}"]
+        torch.set_rng_state(states["cpu"])
+        if "accelerator" in states:
+            torch.cuda.set_rng_state(states["accelerator"])
+
+
+def saved_rng_ranks(checkpoint_dir: str) -> int:
+    """How many ranks saved their RNG states in a DCP checkpoint (0: none)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    return len({key.split(".")[1] for key in metadata if key.startswith(f"{RngState.KEY}.rank_")})
 
 
 class CheckpointMismatch(ValueError):
@@ -79,28 +113,23 @@ def _describe(key: str) -> str:
     return f"the bank of layers.{m.group(1)} ({m.group(2)})" if m else key
 
 
-def check_compatible(
-    checkpoint_dir: str, model_state: dict[str, torch.Tensor], dp_ranks: int, loads_dataloader: bool
-) -> None:
-    """Compare a DCP checkpoint with the run about to load it: model tensor shapes, and
-    the data-parallel size its data positions were saved with.
+def saved_data_ranks(checkpoint_dir: str) -> int:
+    """How many data-parallel ranks saved their data position in a DCP checkpoint (0: none)."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    DCP reshards model and optimizer to any layout. The data position does not carry
-    over to another data-parallel size (each rank reads its own documents), so that
-    needs the user's explicit choice to restart the data stream, never a silent one."""
+    metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    return sum(1 for key in metadata if key.startswith("dataloader.dp_rank_"))
+
+
+def check_compatible(checkpoint_dir: str, model_state: dict[str, torch.Tensor]) -> None:
+    """Compare a DCP checkpoint's model tensor shapes with the run about to load it
+    (DCP reshards the same shapes to any parallel layout)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
     stored = {key: tuple(md.size) for key, md in metadata.items() if isinstance(md, TensorStorageMetadata)}
     where = os.path.basename(checkpoint_dir.rstrip("/"))
-    saved_ranks = sum(1 for key in metadata if key.startswith("dataloader.dp_rank_"))
-    if loads_dataloader and saved_ranks and saved_ranks != dp_ranks:
-        raise CheckpointMismatch(
-            f"{where} holds the data positions of {saved_ranks} data-parallel ranks, this run has {dp_ranks}: "
-            f"resume with {saved_ranks}, or pass --checkpoint.exclude_from_loading dataloader to reshard model "
-            "and optimizer and restart the data stream"
-        )
     # Banks first: a different layout shows there, and routers then differ as a consequence.
     for key, tensor in sorted(model_state.items(), key=lambda kv: ".moe.experts." not in kv[0]):
         expected = tuple(tensor.shape)

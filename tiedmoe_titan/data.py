@@ -42,6 +42,7 @@ import ast
 import glob
 import json
 import os
+import pickle
 import re
 import sys
 import sysconfig
@@ -55,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
@@ -486,6 +488,22 @@ class LocalTextDataset(IterableDataset, Stateful):
             },
         }
 
+    def rescale_state(self, state_dict: dict[str, Any], saved_ranks: int, ranks: int) -> dict[str, Any]:
+        """A state saved by one of ``saved_ranks`` ranks, moved to this run's ``ranks``
+        at the same global sample count of each source (rounded)."""
+        sources = {
+            name: {**value, "num_tokens": None,
+                   "position": round(value["position"] * saved_ranks / ranks),
+                   "origin": round(value.get("origin", 0) * saved_ranks / ranks)}
+            for name, value in state_dict["sources"].items()
+        }
+        moved = ", ".join(f"'{name}' {state_dict['sources'][name]['position']} -> {v['position']}" for name, v in sources.items())
+        logger.warning(
+            f"{self.config_key}: data position saved by {saved_ranks} data-parallel ranks, resumed by {ranks} at the "
+            f"same global sample count (samples per rank: {moved}); documents near the boundary may repeat or be skipped"
+        )
+        return {**state_dict, "sources": sources}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume each source at its saved position; warn if the data changed.
 
@@ -527,6 +545,51 @@ class LocalTextDataset(IterableDataset, Stateful):
 # --------------------------------------------------------------------------- #
 
 
+class LocalTextDataloader(ParallelAwareDataloader):
+    """torchtitan's loader, which can also resume after a data-parallel size change.
+
+    torchtitan 0.2.2 keeps one data position per data-parallel rank and refuses
+    another number of ranks. Here every rank draws the same number of samples of each
+    source per step, so any rank's position gives the global sample count of each
+    source (``position x old ranks``); a resharded resume spreads it over the new
+    ranks. Each rank's documents change with the rank count, so this is approximate:
+    the data resumes at the same fraction of each source, and a few documents at the
+    boundary may be seen twice or not at all. The trainer calls
+    :meth:`resume_from_ranks` before the checkpoint is loaded.
+    """
+
+    def __init__(self, dataset: LocalTextDataset, dp_rank: int, dp_world_size: int, **kwargs) -> None:
+        super().__init__(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
+        self._saved_ranks = dp_world_size
+
+    def resume_from_ranks(self, saved_ranks: int) -> None:
+        """The checkpoint about to be loaded holds the positions of ``saved_ranks`` ranks."""
+        if saved_ranks != self.dp_world_size and self.num_workers > 0:
+            raise ValueError(
+                f"the checkpoint holds the data positions of {saved_ranks} data-parallel ranks, this run has "
+                f"{self.dp_world_size}: a resharded data position needs training.dataloader.num_workers = 0 "
+                "(or pass --checkpoint.exclude_from_loading dataloader to restart the data stream)"
+            )
+        self._saved_ranks = saved_ranks
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._saved_ranks == self.dp_world_size:
+            return super().state_dict()
+        # What to load from a checkpoint of another rank count: rank 0's position.
+        return {"dp_rank_0": b"", "world_size": self._saved_ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._saved_ranks == self.dp_world_size:
+            super().load_state_dict(state_dict)
+            return
+        loader_state = pickle.loads(state_dict["dp_rank_0"])
+        loader_state["dataset_state"] = self.dataset.rescale_state(
+            loader_state["dataset_state"], self._saved_ranks, self.dp_world_size
+        )
+        StatefulDataLoader.load_state_dict(self, loader_state)
+        self._saved_ranks = self.dp_world_size
+
+
 def _build_loader(
     section: Any,
     config_key: str,
@@ -535,7 +598,7 @@ def _build_loader(
     dp_world_size: int,
     infinite: bool,
     restart_each_pass: bool = False,
-) -> ParallelAwareDataloader:
+) -> LocalTextDataloader:
     """A loader over ``section.dataset_path`` (``section`` is the recipe's [training]
     or [validation]), wrapped like torchtitan does: its dataloader kwargs + batch size."""
     dataset = LocalTextDataset(
@@ -548,8 +611,10 @@ def _build_loader(
         restart_each_pass=restart_each_pass,
         config_key=config_key,
     )
-    kwargs = {**asdict(section.dataloader), "batch_size": section.local_batch_size}
-    return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
+    # The loader draws a seed each time it starts iterating (for workers); its own
+    # generator keeps that draw off the training RNG, which a resumed run restores.
+    kwargs = {**asdict(section.dataloader), "batch_size": section.local_batch_size, "generator": torch.Generator()}
+    return LocalTextDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
 
 
 def build_local_text_dataloader(
@@ -558,7 +623,7 @@ def build_local_text_dataloader(
     tokenizer: BaseTokenizer,
     job_config: JobConfig,
     infinite: bool = True,
-) -> ParallelAwareDataloader:
+) -> LocalTextDataloader:
     """Training loader over ``job_config.training.dataset_path``.
 
     Same signature as torchtitan's ``build_text_dataloader``;
@@ -573,7 +638,7 @@ def build_local_validation_dataloader(
     tokenizer: BaseTokenizer,
     job_config: JobConfig,
     infinite: bool = False,
-) -> ParallelAwareDataloader:
+) -> LocalTextDataloader:
     """Validation loader over ``job_config.validation.dataset_path``.
 
     Same signature as torchtitan's ``build_text_validation_dataloader``.  Unlike

@@ -35,7 +35,17 @@ from torchtitan.train import Trainer
 
 import tiedmoe_titan  # noqa: F401  (CPU support, train specs)
 
-from .checkpoint import CheckpointMismatch, NonFiniteGuard, NonFiniteTraining, check_compatible, complete_steps, set_aside_incomplete
+from .checkpoint import (
+    CheckpointMismatch,
+    NonFiniteGuard,
+    NonFiniteTraining,
+    RngState,
+    check_compatible,
+    complete_steps,
+    saved_data_ranks,
+    saved_rng_ranks,
+    set_aside_incomplete,
+)
 from .config import RecipeError, check_run, parse_recipe, write_resolved_recipe
 from .models.moe import model_routing_loss
 
@@ -57,6 +67,7 @@ class TiedMoETrainer(Trainer):
             signal.signal(sig, self._request_stop)
         self.nonfinite_guard = NonFiniteGuard(self.optimizers, self.model_parts, job_config.nan_guard.max_skipped_steps)
         if job_config.checkpoint.enable:
+            self.checkpointer.states[RngState.KEY] = RngState(torch.distributed.get_rank())
             self._check_checkpoints()
 
     def _check_checkpoints(self) -> None:
@@ -70,13 +81,18 @@ class TiedMoETrainer(Trainer):
         load_step = self.job_config.checkpoint.load_step
         step = steps[-1] if load_step == -1 and steps else load_step
         if step > 0 and os.path.isdir(os.path.join(folder, f"step-{step}")):
-            dims = self.parallel_dims
-            check_compatible(
-                os.path.join(folder, f"step-{step}"),
-                self.checkpointer.states["model"].state_dict(),
-                dp_ranks=dims.dp_replicate * dims.dp_shard,
-                loads_dataloader="dataloader" not in self.job_config.checkpoint.exclude_from_loading,
-            )
+            checkpoint_dir = os.path.join(folder, f"step-{step}")
+            check_compatible(checkpoint_dir, self.checkpointer.states["model"].state_dict())
+            saved_ranks = saved_data_ranks(checkpoint_dir)
+            if saved_ranks and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
+                try:
+                    self.dataloader.resume_from_ranks(saved_ranks)
+                except ValueError as e:
+                    raise CheckpointMismatch(f"step-{step}: {e}") from None
+            rng_ranks, world = saved_rng_ranks(checkpoint_dir), torch.distributed.get_world_size()
+            if rng_ranks != world:
+                logger.info(f"step-{step} holds the RNG states of {rng_ranks} ranks, this run has {world}: not restored")
+                self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, RngState.KEY]
 
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
