@@ -28,6 +28,7 @@ from typing import Any
 
 from .checkpoint import NanGuardConfig
 from .models.family import RoutingConfig
+from .muon import OptimizerWithMuon
 from .tying import TieConfig
 
 try:
@@ -44,6 +45,7 @@ class JobConfig:
     tying: TieConfig = field(default_factory=TieConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    optimizer: OptimizerWithMuon = field(default_factory=OptimizerWithMuon)  # merged into torchtitan's [optimizer]
 
 
 class RecipeError(ValueError):

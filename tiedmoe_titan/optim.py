@@ -7,6 +7,8 @@ per-layer expert-bias update.
 * torchtitan 0.2.2's aux-loss-free expert-bias hook stops at the first MoE layer
   without a coefficient; ours updates every layer that has a bias, each from its
   own token counts, whatever bank it reads.
+* ``[optimizer] name = "Muon"`` trains matrices and banks with Muon and the rest with
+  AdamW (``tiedmoe_titan.muon``); torchtitan 0.2.2 builds only Adam and AdamW.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from torchtitan.distributed import ParallelDims
 
 from .models.bank import ExpertBank
 from .models.moe import tied_moe_layers
+from .muon import MuonConfig, MuonOptimizersContainer, check_muon_config
+
+OPTIMIZER_NAMES = ("Adam", "AdamW", "Muon")
 
 
 def bank_lr_scales(model: nn.Module) -> dict[nn.Parameter, float]:
@@ -37,18 +42,17 @@ def bank_lr_scales(model: nn.Module) -> dict[nn.Parameter, float]:
 
 
 def split_bank_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Move bank parameters with an LR scale into their own groups (before any step)."""
+    """Move bank parameters with an LR scale into their own groups (before any step),
+    each a copy of the group it leaves (Muon or AdamW) at that group's LR x scale."""
     scales = bank_lr_scales(model)
-    if not scales:
-        return
-    (group,) = optimizer.param_groups
-    by_scale: dict[float, list[nn.Parameter]] = defaultdict(list)
-    for p in group["params"]:
-        if p in scales:
-            by_scale[scales[p]].append(p)
-    group["params"] = [p for p in group["params"] if p not in scales]
-    for scale, params in sorted(by_scale.items()):
-        optimizer.add_param_group({"params": params, "lr": group["lr"] * scale})
+    for group in list(optimizer.param_groups):
+        by_scale: dict[float, list[nn.Parameter]] = defaultdict(list)
+        for p in group["params"]:
+            if p in scales:
+                by_scale[scales[p]].append(p)
+        group["params"] = [p for p in group["params"] if p not in scales]
+        for scale, params in sorted(by_scale.items()):
+            optimizer.add_param_group({**group, "params": params, "lr": group["lr"] * scale})
 
 
 @torch.no_grad()
@@ -78,7 +82,7 @@ def build_tied_optimizers(
     parallel_dims: ParallelDims,
     ft_manager: FTManager | None = None,
 ) -> OptimizersContainer:
-    optimizers = build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+    optimizers = _build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
     if isinstance(optimizers, OptimizersInBackwardContainer):
         if any(bank_lr_scales(m) for m in model_parts):
             raise ValueError(
@@ -90,3 +94,37 @@ def build_tied_optimizers(
             split_bank_param_groups(model, optimizer)
     optimizers.register_step_pre_hook(lambda *args, **kwargs: update_expert_biases(model_parts, parallel_dims))
     return optimizers
+
+
+def _build_optimizers(
+    model_parts: list[nn.Module],
+    optimizer_config: OptimizerConfig,
+    parallel_dims: ParallelDims,
+    ft_manager: FTManager | None,
+) -> OptimizersContainer:
+    """torchtitan's optimizers, or Muon with AdamW for ``name = "Muon"``."""
+    name = optimizer_config.name
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"optimizer.name = {name!r}: must be one of {', '.join(OPTIMIZER_NAMES)}")
+    if name != "Muon":
+        return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+    refusals = {
+        "optimizer.early_step_in_backward = true": optimizer_config.early_step_in_backward,
+        "fault tolerance (fault_tolerance.enable)": ft_manager is not None and ft_manager.enabled,
+    }
+    for what, refused in refusals.items():
+        if refused:
+            raise ValueError(f"{what} is not supported with optimizer.name = \"Muon\": turn it off or use AdamW")
+    # A plain torchtitan job config has no [optimizer.muon]: the paper's defaults then.
+    muon = getattr(optimizer_config, "muon", None) or MuonConfig()
+    check_muon_config(muon)
+    implementation = optimizer_config.implementation
+    adamw_kwargs = {
+        "lr": optimizer_config.lr,
+        "betas": (optimizer_config.beta1, optimizer_config.beta2),
+        "eps": optimizer_config.eps,
+        "weight_decay": optimizer_config.weight_decay,
+        "fused": implementation == "fused",
+        "foreach": implementation == "foreach",
+    }
+    return MuonOptimizersContainer(model_parts, adamw_kwargs, muon)

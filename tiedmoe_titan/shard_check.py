@@ -36,6 +36,7 @@ from torchtitan.distributed import ParallelDims
 
 import tiedmoe_titan  # noqa: F401  (CPU support)
 
+from .config import job_config_class
 from .models import FAMILIES
 from .models.bank import ExpertBank
 from .models.moe import model_routing_loss
@@ -60,6 +61,7 @@ class CheckConfig:
     batch: int = 2
     seq_len: int = 32
     lr: float = 1e-3
+    optimizer: dict = field(default_factory=dict)  # [optimizer] keys, e.g. {"name": "Muon", "muon": {"ns_dtype": "float32"}}
     seed: int = 0
     activation_checkpoint: str = "none"
     mixed_precision_param: str = "float32"
@@ -106,7 +108,7 @@ def batches(cfg: CheckConfig, world_pieces: int) -> torch.Tensor:
 
 
 def job_config(cfg: CheckConfig) -> JobConfig:
-    job = JobConfig()
+    job = job_config_class()()  # torchtitan's, with this package's sections ([optimizer.muon])
     job.parallelism.data_parallel_shard_degree = cfg.dp_shard
     job.parallelism.data_parallel_replicate_degree = cfg.dp_replicate
     job.parallelism.expert_parallel_degree = cfg.ep
@@ -117,6 +119,9 @@ def job_config(cfg: CheckConfig) -> JobConfig:
     job.compile.components = ["model"]
     job.compile.backend = cfg.compile_backend or "inductor"
     job.optimizer.lr = cfg.lr
+    for key, value in cfg.optimizer.items():
+        current = getattr(job.optimizer, key)
+        setattr(job.optimizer, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
     job.optimizer.implementation = "for-loop"
     job.comm.init_timeout_seconds = 300
     return job
@@ -225,22 +230,39 @@ def expert_unit_bytes(model) -> set[int]:
     return sizes
 
 
+def _local_bytes(tensors) -> int:
+    """Bytes of the tensors as this rank holds them (a DTensor's local shard)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def held_memory(params: list[torch.Tensor], optimizers) -> dict[str, int]:
+    """Bytes of ``params``, their gradients and their optimizer state held on this rank
+    (scalar state such as step counters left out)."""
+    states = [
+        value
+        for opt in optimizers.optimizers
+        for p in params
+        for value in opt.state.get(p, {}).values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    ]
+    return {
+        "params": _local_bytes(params),
+        "grads": _local_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer": _local_bytes(states),
+    }
+
+
 def expert_memory(model, optimizers) -> dict[str, int]:
-    """Bytes of routed-expert parameters, gradients and optimizer state held on this rank."""
-    params = [p for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()]
+    """Routed-expert parameters, gradients and optimizer state held on this rank."""
+    held = held_memory([p for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()], optimizers)
+    return {**held, "total": sum(held.values())}
 
-    def local(t):
-        return t.to_local() if isinstance(t, DTensor) else t
 
-    param_bytes = sum(local(p).numel() * local(p).element_size() for p in params)
-    grad_bytes = sum(local(p.grad).numel() * local(p.grad).element_size() for p in params if p.grad is not None)
-    state_bytes = 0
-    for opt in optimizers.optimizers:
-        for p in params:
-            for value in opt.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    state_bytes += local(value).numel() * local(value).element_size()
-    return {"params": param_bytes, "grads": grad_bytes, "optimizer": state_bytes, "total": param_bytes + grad_bytes + state_bytes}
+def rank_memory(model, optimizers) -> dict[str, int]:
+    """All parameters, gradients and optimizer state held on this rank (what
+    ``tiedmoe_titan.memory`` predicts)."""
+    return held_memory(list(model.parameters()), optimizers)
 
 
 def reference(cfg: CheckConfig) -> dict:
@@ -272,7 +294,9 @@ def peak_step_memory(model, optimizers, step_fn) -> int:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
-    tracker.track_external(model, optimizers)
+    # The container's own state is empty: track each optimizer's, or its states are
+    # invisible until the step touches them.
+    tracker.track_external(model, *optimizers)
     with tracker:
         step_fn()
     return sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
@@ -335,6 +359,7 @@ def distributed(cfg: CheckConfig) -> dict:
         "grads": first_grads,
         "state": {k: v.detach().clone() for k, v in state.items()},
         "expert_memory": expert_memory(model, optimizers),
+        "rank_memory": rank_memory(model, optimizers),
         "expert_unit_bytes": expert_unit_bytes(model),
         "collectives": collectives,
         "step_times": step_times,
