@@ -1,15 +1,20 @@
-"""``tiedmoe-plan RECIPE.toml [--json] [--section.key value ...]``
+"""``tiedmoe-plan RECIPE.toml [--nodes N --gpus-per-node K [--gpu-memory 80GiB]] [--json] [--section.key value ...]``
 
 Prints, without allocating the model (it is built on the meta device), the layer ->
 bank map, unique parameters (total, routed-expert, other), active parameters per
-token, and the ratio to the same recipe untied (G=1).
+token, and the ratio to the same recipe untied (G=1). With ``--nodes`` and
+``--gpus-per-node``, also the memory of one rank (parameters, gradients, optimizer
+state, activations, peak) for the recipe and for it untied, under the layout the
+recipe's degrees give on that many ranks, whether it fits, and what would.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import re
 import sys
 
 import torch
@@ -17,9 +22,10 @@ import torch
 import tiedmoe_titan  # noqa: F401  (registers the train specs)
 
 from .config import RecipeError, model_args_of, parallel_dims_of, parse_recipe
+from .memory import MemoryPlanError, StepShape, estimate, meta_model
 from .models.accounting import ParamCounts, count_params
-from .parallelize import UnsupportedParallelism
-from .tying import TieConfig
+from .parallelize import UnsupportedParallelism, check_parallelism
+from .tying import TieConfig, TieConfigError
 
 
 def meta_param_counts(model_cls, model_args) -> ParamCounts:
@@ -110,6 +116,164 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- memory per rank ------------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``80GB``, ``81920MiB`` or a plain byte count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise RecipeError(f"--gpu-memory {text!r}: give a size such as 80GiB, 141GB or 81920MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _layout(dims) -> dict:
+    return {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "ep": dims.ep,
+            "efsdp": dims.dp_shard // dims.ep}
+
+
+def _estimate_row(model, dims, shape: StepShape, gpu_memory: int, job_config) -> dict:
+    try:
+        check_parallelism(type(model), model.model_args.tie_layout(), dims, job_config)
+    except UnsupportedParallelism as e:
+        raise RecipeError(str(e)) from None
+    memory = estimate(model, dims, shape)
+    return {"group_size": model.model_args.tying.group_size, **memory.as_dict(), "fits": memory.total <= gpu_memory}
+
+
+def _candidates(args, dims, shape: StepShape) -> dict[str, list]:
+    """What to try when the recipe does not fit: bigger G, more EP, full AC, smaller micro-batches."""
+    moe = args.moe_args
+    groups = [g for g in (2, 4, 8) if g > args.tying.group_size]
+    eps = [e for e in range(dims.ep + 1, dims.dp_shard + 1) if dims.dp_shard % e == 0 and moe.num_experts % e == 0]
+    batches, batch = [], shape.local_batch_size // 2
+    while batch >= 1:
+        batches.append(batch)
+        batch //= 2
+    return {
+        "group_size": [args.tying.group_size, *groups],
+        "ep": [dims.ep, *eps],
+        "ac_mode": [shape.ac_mode] + (["full"] if shape.ac_mode != "full" else []),
+        "local_batch_size": [shape.local_batch_size, *batches],
+    }
+
+
+def suggestions(spec, args, dims, shape: StepShape, gpu_memory: int, job_config, limit: int = 5) -> list[dict]:
+    """Layouts near the recipe that fit, fewest changes first, then smallest peak. Each
+    candidate is estimated exactly as the recipe is."""
+    options = _candidates(args, dims, shape)
+    models = {}
+    fitting = []
+    for group_size, ep, ac_mode, batch in itertools.product(*options.values()):
+        changes = {
+            key: value
+            for key, value, current in zip(options, (group_size, ep, ac_mode, batch), (o[0] for o in options.values()))
+            if value != current
+        }
+        if not changes:
+            continue
+        if group_size not in models:
+            try:
+                tied_args = dataclasses.replace(args, tying=dataclasses.replace(args.tying, group_size=group_size))
+                tied_args.tie_layout()
+            except TieConfigError:
+                models[group_size] = None
+            else:
+                models[group_size] = meta_model(spec.model_cls, tied_args)
+        model = models[group_size]
+        if model is None or any(b.num_experts % ep for b in model.model_args.tie_layout().banks):
+            continue
+        candidate_dims = dataclasses.replace(dims, ep=ep)
+        candidate_shape = dataclasses.replace(
+            shape, ac_mode=ac_mode, local_batch_size=batch,
+            microbatches=shape.microbatches * shape.local_batch_size // batch,
+        )
+        try:
+            row = _estimate_row(model, candidate_dims, candidate_shape, gpu_memory, job_config)
+        except RecipeError:  # a layout the parallelize plans refuse
+            continue
+        if row["fits"]:
+            fitting.append({"changes": changes, "total": row["total"], "microbatches": candidate_shape.microbatches})
+    fitting.sort(key=lambda c: (len(c["changes"]), c["total"]))
+    return fitting[:limit]
+
+
+def memory_plan(job_config, nodes: int, gpus_per_node: int, gpu_memory: int) -> dict:
+    """Per-rank memory of the recipe and of it untied on ``nodes`` x ``gpus_per_node``
+    ranks, and, if the recipe does not fit, nearby layouts that do."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise RecipeError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be at least 1")
+    world_size = nodes * gpus_per_node
+    spec, args = model_args_of(job_config)
+    dims = parallel_dims_of(job_config, world_size)
+    try:
+        shape = StepShape.of_job_config(job_config, dims.dp_replicate * dims.dp_shard)
+        tied = _estimate_row(meta_model(spec.model_cls, args), dims, shape, gpu_memory, job_config)
+        untied_args = dataclasses.replace(args, tying=TieConfig())
+        try:
+            untied = _estimate_row(meta_model(spec.model_cls, untied_args), dims, shape, gpu_memory, job_config)
+        except RecipeError as e:  # e.g. an EP degree that divides expanded banks only
+            untied = {"group_size": 1, "error": str(e)}
+        suggested = [] if tied["fits"] else suggestions(spec, args, dims, shape, gpu_memory, job_config)
+    except MemoryPlanError as e:
+        raise RecipeError(str(e)) from None
+    return {
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "world_size": world_size,
+        "gpu_memory_bytes": gpu_memory,
+        "layout": _layout(dims),
+        "step": dataclasses.asdict(shape),
+        "as_written": tied,
+        "untied": untied,
+        "suggestions": suggested,
+    }
+
+
+def format_memory_plan(m: dict) -> str:
+    step, layout = m["step"], m["layout"]
+    ac = step["ac_mode"] + (f" ({step['selective_ac_option']})" if step["ac_mode"] == "selective" else "")
+    lines = [
+        f"memory per rank on {m['nodes']} nodes x {m['gpus_per_node']} GPUs = {m['world_size']} ranks: "
+        + ", ".join(f"{k} {v}" for k, v in layout.items()),
+        f"  micro-batch {step['local_batch_size']} x {step['seq_len']} tokens, {step['microbatches']} per step, "
+        f"AC {ac}, params {step['param_dtype']} / reduce {step['reduce_dtype']}, "
+        f"{step['optimizer']} ({step['optimizer_implementation']})",
+        f"{'GiB per rank':<18}{'params':>9}{'grads':>9}{'optimizer':>10}{'activations':>12}{'transient':>10}{'peak':>9}  "
+        f"fits {_gib(m['gpu_memory_bytes'])} GiB",
+    ]
+    for label, row in ((f"as written (G={m['as_written']['group_size']})", m["as_written"]), ("untied (G=1)", m["untied"])):
+        if "error" in row:
+            lines.append(f"{label:<18}not possible on this layout: {row['error']}")
+            continue
+        lines.append(
+            f"{label:<18}{_gib(row['params']):>9}{_gib(row['grads']):>9}{_gib(row['optimizer']):>10}"
+            f"{_gib(row['activations']):>12}{_gib(row['transient']):>10}{_gib(row['total']):>9}  "
+            f"{'yes' if row['fits'] else 'NO'}"
+        )
+    if not m["as_written"]["fits"]:
+        over = m["as_written"]["total"] - m["gpu_memory_bytes"]
+        lines.append(f"the recipe does NOT fit: {_gib(over)} GiB over per rank.")
+        if m["suggestions"]:
+            lines.append("these fit (same estimate; change the recipe's keys):")
+            names = {"group_size": "tying.group_size", "ep": "parallelism.expert_parallel_degree",
+                     "ac_mode": "activation_checkpoint.mode", "local_batch_size": "training.local_batch_size"}
+            for c in m["suggestions"]:
+                change = ", ".join(f"{names[k]} = {v}" for k, v in c["changes"].items())
+                per_step = f"{c['microbatches']} micro-batch{'es' if c['microbatches'] > 1 else ''} per step"
+                lines.append(f"  {change}: peak {_gib(c['total'])} GiB ({per_step})")
+        else:
+            lines.append("nothing near it fits (G up to 8, any EP, full AC, micro-batch down to 1): use more ranks")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tiedmoe-plan", description=__doc__.split("\n\n")[1])
     parser.add_argument("recipe")
@@ -118,12 +282,19 @@ def main(argv: list[str] | None = None) -> None:
         "--shard-dry-run", type=int, metavar="WORLD_SIZE",
         help="also shard the model on this many simulated ranks (fake backend) and report one rank's bytes",
     )
+    parser.add_argument("--nodes", type=int, help="plan memory per rank on this many nodes (with --gpus-per-node)")
+    parser.add_argument("--gpus-per-node", type=int, help="ranks per node")
+    parser.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (default 80GiB)")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         job_config = parse_recipe(args.recipe, overrides)
         p = plan(job_config)
         if args.shard_dry_run:
             p["shard_dry_run"] = shard_dry_run(job_config, args.shard_dry_run)
+        if (args.nodes is None) != (args.gpus_per_node is None):
+            raise RecipeError("--nodes and --gpus-per-node go together: give both")
+        if args.nodes is not None:
+            p["memory"] = memory_plan(job_config, args.nodes, args.gpus_per_node, parse_bytes(args.gpu_memory))
     except (RecipeError, UnsupportedParallelism) as e:
         print(f"tiedmoe-plan: error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -137,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
             f"per rank of {d['world_size']} ({d['mesh']}): parameters {_human(d['per_rank_param_bytes'])}B "
             f"(routed experts {_human(d['per_rank_expert_param_bytes'])}B)"
         )
+    if "memory" in p:
+        print(format_memory_plan(p["memory"]))
 
 
 if __name__ == "__main__":
