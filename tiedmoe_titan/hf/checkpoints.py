@@ -1,0 +1,139 @@
+"""Project checkpoints on disk.
+
+* What ``tiedmoe-train`` writes, read by ``tiedmoe-export``: a DCP step folder
+  ``<dump_folder>/<checkpoint.folder>/step-N`` (complete once ``.metadata`` exists)
+  and, in the dump folder above it, ``recipe.resolved.toml``, which names the model.
+* What ``tiedmoe-import`` writes: a model-only DCP checkpoint, a flavor file of the
+  model's shape and a recipe that trains it (see ``write_import``).
+
+Both run in one process without a process group (DCP's single-process mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from ..checkpoint import CheckpointMismatch, check_compatible, complete_steps
+from ..config import model_args_of, parse_recipe, to_toml
+from ..models.qwen3 import TiedQwen3ModelArgs
+from ..spec import SPEC_PREFIX
+from ..tying import TieConfig, TieLayout
+from .errors import HFInteropError
+from .flavor_file import write_flavor_file
+from .state_dict import HF_ARCHITECTURES
+
+RESOLVED_RECIPE = "recipe.resolved.toml"
+RECIPE_SEARCH_DEPTH = 4  # folders above a step folder searched for the resolved recipe
+IMPORT_MODEL, IMPORT_FLAVOR, IMPORT_RECIPE = "model", "flavor.json", "recipe.toml"
+
+
+@dataclass
+class ProjectModel:
+    """A project model as a recipe describes it."""
+
+    family: str
+    args: TiedQwen3ModelArgs
+    model_cls: type
+
+    @property
+    def layout(self) -> TieLayout:
+        return self.args.tie_layout()
+
+    def meta_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict on the meta device (names and shapes, no memory)."""
+        with torch.device("meta"):
+            return self.model_cls(self.args).state_dict()
+
+
+@contextlib.contextmanager
+def single_process():
+    """DCP without a process group reads / writes as one process, which is what we
+    want here; it says so in a warning on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def model_of_recipe(recipe: str) -> ProjectModel:
+    job_config = parse_recipe(recipe)
+    spec, args = model_args_of(job_config)
+    family = job_config.model.name.removeprefix(SPEC_PREFIX)
+    if family not in HF_ARCHITECTURES:
+        raise HFInteropError(
+            f"{recipe}: model.name = {job_config.model.name!r} has no Hugging Face counterpart: "
+            f"export supports {', '.join(SPEC_PREFIX + f for f in HF_ARCHITECTURES)}"
+        )
+    return ProjectModel(family, args, spec.model_cls)
+
+
+def find_step(path: str) -> str:
+    """The complete DCP checkpoint at ``path``: a step folder, or the latest complete
+    step of a checkpoint folder."""
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    steps = complete_steps(path)
+    if steps:
+        return os.path.join(path, f"step-{steps[-1]}")
+    raise HFInteropError(f"{path} is not a complete DCP checkpoint (no .metadata) nor a folder of step-N checkpoints")
+
+
+def find_recipe(step_dir: str) -> str:
+    """The ``recipe.resolved.toml`` tiedmoe-train wrote in the dump folder above ``step_dir``."""
+    folder = os.path.dirname(os.path.abspath(step_dir))
+    for _ in range(RECIPE_SEARCH_DEPTH):
+        if os.path.isfile(os.path.join(folder, RESOLVED_RECIPE)):
+            return os.path.join(folder, RESOLVED_RECIPE)
+        folder = os.path.dirname(folder)
+    raise HFInteropError(f"no {RESOLVED_RECIPE} in the folders above {step_dir}: pass --recipe with the recipe it was trained with")
+
+
+def read_model_state(step_dir: str, model: ProjectModel, recipe: str) -> dict[str, torch.Tensor]:
+    """The model tensors of a (full or model-only) DCP checkpoint, as saved (dtype included)."""
+    expected = model.meta_state_dict()
+    try:
+        check_compatible(step_dir, expected)
+    except CheckpointMismatch as e:
+        raise HFInteropError(f"{e} (recipe {recipe})") from None
+    metadata = FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    state = {key: torch.empty(metadata[key].size, dtype=metadata[key].properties.dtype) for key in expected}
+    with single_process():
+        dcp.load(state, checkpoint_id=step_dir)
+    return state
+
+
+def write_import(
+    outdir: str, family: str, args: TiedQwen3ModelArgs, tying: TieConfig, state: dict[str, torch.Tensor], source: str, extends: str | None
+) -> str:
+    """Write an imported model so tiedmoe-train can continue pretraining it; returns the recipe.
+
+    ``outdir/model`` is a model-only DCP checkpoint (torchtitan loads it through
+    ``checkpoint.initial_load_path`` / ``initial_load_model_only``), ``outdir/flavor.json``
+    the model's shape, and ``outdir/recipe.toml`` names both with the tie layout. Its
+    paths are absolute, so a recipe anywhere may ``extends`` it."""
+    outdir = os.path.abspath(outdir)
+    with single_process():
+        dcp.save(state, checkpoint_id=os.path.join(outdir, IMPORT_MODEL))
+    write_flavor_file(args, os.path.join(outdir, IMPORT_FLAVOR))
+    recipe = {
+        "extends": os.path.abspath(extends) if extends else None,
+        "model": {"name": SPEC_PREFIX + family, "flavor": os.path.join(outdir, IMPORT_FLAVOR)},
+        "tying": {"group_size": tying.group_size, "untied_first": tying.untied_first, "untied_last": tying.untied_last},
+        "checkpoint": {
+            "enable": True,
+            "initial_load_path": os.path.join(outdir, IMPORT_MODEL),
+            "initial_load_model_only": True,
+        },
+    }
+    path = os.path.join(outdir, IMPORT_RECIPE)
+    with open(path, "w") as f:
+        f.write(f"# Written by tiedmoe-import from {os.path.abspath(source)}.\n")
+        f.write("# Train: tiedmoe-train THIS_FILE (or a recipe with `extends` = this file), with data, tokenizer and optimizer settings.\n\n")
+        f.write(to_toml(recipe))
+    return path
