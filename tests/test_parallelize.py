@@ -39,3 +39,8 @@ def test_untied_layout_keeps_torchtitan_parallelisms():
     # ... but OLMoE's full-width QK-norm cannot be split across TP ranks.
     with pytest.raises(UnsupportedParallelism, match="full-width QK-norm"):
         dry_run(4, *tp)
+
+
+def test_deepep_is_refused():
+    with pytest.raises(UnsupportedParallelism, match="expert_parallel_comm_backend = 'deepep'"):
+        dry_run(2, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_comm_backend", "deepep")

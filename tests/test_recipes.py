@@ -22,7 +22,7 @@ def world_size(job_config) -> int:
 
 
 def test_the_grid_is_complete():
-    for family in ("olmoe", "qwen3"):
+    for family in ("olmoe", "qwen3", "deepseek"):
         names = {p.split("/")[-1] for p in RECIPES if f"/{family}/" in p}
         assert {f"regular_{v}.toml" for v in ("g1", "g2", "g4", "g4_x2", "g4_x4", "narrow")} <= names
 

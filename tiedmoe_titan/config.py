@@ -198,6 +198,13 @@ def check_override_keys(overrides: list[str], cls) -> None:
 # ---- checks before a run starts -----------------------------------------------------
 
 
+def family_names() -> str:
+    from .models import FAMILIES
+    from .spec import SPEC_PREFIX
+
+    return ", ".join(SPEC_PREFIX + family for family in FAMILIES)
+
+
 def model_args_of(job_config):
     """The recipe's model args (a private copy of the flavor, updated from the recipe)."""
     import copy
@@ -209,11 +216,11 @@ def model_args_of(job_config):
 
     name, flavor = job_config.model.name, job_config.model.flavor
     if not name.startswith(SPEC_PREFIX):
-        raise RecipeError(f"model.name = {name!r}: tiedmoe-train builds the families tiedmoe_qwen3 and tiedmoe_olmoe")
+        raise RecipeError(f"model.name = {name!r}: tiedmoe-train builds the families {family_names()}")
     try:
         spec = get_train_spec(name)
     except ValueError:
-        raise RecipeError(f"model.name = {name!r} is not a registered family: use tiedmoe_qwen3 or tiedmoe_olmoe") from None
+        raise RecipeError(f"model.name = {name!r} is not a registered family: use one of {family_names()}") from None
     if flavor not in spec.model_args:
         raise RecipeError(f"model.flavor = {flavor!r} is not a flavor of {name}: choose one of {', '.join(spec.model_args)}")
     args = copy.deepcopy(spec.model_args[flavor])

@@ -1,12 +1,14 @@
 """Parallelize function of the tied families: each bank is sharded once.
 
 An untied layout (G=1) is exactly torchtitan's model, so it goes through torchtitan's
-own ``parallelize_qwen3`` unchanged. A tied layout gets the plan below.
+own plan for the family unchanged (``parallelize_qwen3``, ``parallelize_deepseekv3``).
+A tied layout gets the plan below.
 
 FSDP2 units of a tied model (innermost first)::
 
     per block      fully_shard([attention_norm, attention, ffn_norm, moe.router, moe.shared_experts])
-                   everything of the block except the bank, on the dp mesh
+                   everything of the block except the bank, on the dp mesh (a dense
+                   block's feed_forward too)
     per bank       fully_shard([block_a, block_b, ...])   the blocks of the bank's tie group
                    what is left in them is exactly the bank (registered under block_a);
                    on the efsdp mesh under expert parallelism
@@ -34,9 +36,14 @@ from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.expert_parallel import ExpertParallel
+from torchtitan.models.deepseek_v3.infra.parallelize import _op_sac_save_list as deepseek_sac_ops
+from torchtitan.models.deepseek_v3.infra.parallelize import parallelize_deepseekv3
+from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
 from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
 from torchtitan.models.llama4.infra.parallelize import apply_compile
-from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list, parallelize_qwen3
+from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list as qwen3_sac_ops
+from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
+from torchtitan.models.qwen3.model.model import Qwen3Model
 
 from . import cpu
 from .tying import TieLayout
@@ -46,13 +53,27 @@ class UnsupportedParallelism(ValueError):
     """A parallelism setting the tied plan cannot honour; one line naming the key."""
 
 
+# The torchtitan model each family builds on -> torchtitan's plan for it and the ops
+# its selective activation checkpointing saves.
+TORCHTITAN_PLANS = {
+    Qwen3Model: (parallelize_qwen3, qwen3_sac_ops),
+    DeepSeekV3Model: (parallelize_deepseekv3, deepseek_sac_ops),
+}
+
+
+def torchtitan_plan(model: nn.Module):
+    """(parallelize function, selective-AC op list) of torchtitan for ``model``'s family."""
+    return next(plan for base, plan in TORCHTITAN_PLANS.items() if isinstance(model, base))
+
+
 def parallelize_tied(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     layout: TieLayout = model.model_args.tie_layout()
     check_parallelism(type(model), layout, parallel_dims, job_config)
     if layout.is_tied:
         _parallelize_tied_layout(model, layout, parallel_dims, job_config)
     else:
-        parallelize_qwen3(model, parallel_dims, job_config)
+        parallelize_untied, _ = torchtitan_plan(model)
+        parallelize_untied(model, parallel_dims, job_config)
     cpu.adapt_fsdp(model)
     return model
 
@@ -69,6 +90,12 @@ def check_parallelism(model_cls: type, layout: TieLayout, parallel_dims: Paralle
     if parallel_dims.tp > 1 and model_cls.tensor_parallel_refusal:
         raise UnsupportedParallelism(
             f"parallelism.tensor_parallel_degree = {parallel_dims.tp}: {model_cls.tensor_parallel_refusal}; set it to 1"
+        )
+    backend = job_config.parallelism.expert_parallel_comm_backend
+    if backend != "standard":
+        raise UnsupportedParallelism(
+            f"parallelism.expert_parallel_comm_backend = {backend!r}: tied MoE layers dispatch tokens with "
+            "torchtitan's standard all-to-all; set it to \"standard\""
         )
     if not layout.is_tied:
         return
@@ -100,7 +127,7 @@ def _parallelize_tied_layout(model, layout: TieLayout, parallel_dims: ParallelDi
             model,
             job_config.activation_checkpoint,
             model_compile_enabled=compile_enabled,
-            op_sac_save_list=_op_sac_save_list,
+            op_sac_save_list=torchtitan_plan(model)[1],
             base_folder=job_config.job.dump_folder,
         )
     if compile_enabled:

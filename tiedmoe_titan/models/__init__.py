@@ -1,6 +1,7 @@
 """Tied-expert model families built on torchtitan's model code."""
 
 from .bank import ExpertBank
+from .deepseek import TiedDeepSeekModel, TiedDeepSeekModelArgs, deepseek_flavors
 from .family import RoutingConfig, TiedMoEArgs
 from .moe import TiedMoE, model_routing_loss, routing_losses, tie_experts
 from .olmoe import OlmoeAttention, TiedOlmoeModel, olmoe_flavors
@@ -10,6 +11,7 @@ from .qwen3 import TiedQwen3Model, TiedQwen3ModelArgs, qwen3_flavors
 FAMILIES = {
     "qwen3": (TiedQwen3Model, qwen3_flavors),
     "olmoe": (TiedOlmoeModel, olmoe_flavors),
+    "deepseek": (TiedDeepSeekModel, deepseek_flavors),
 }
 
 __all__ = [
@@ -17,11 +19,14 @@ __all__ = [
     "FAMILIES",
     "OlmoeAttention",
     "RoutingConfig",
+    "TiedDeepSeekModel",
+    "TiedDeepSeekModelArgs",
     "TiedMoE",
     "TiedMoEArgs",
     "TiedOlmoeModel",
     "TiedQwen3Model",
     "TiedQwen3ModelArgs",
+    "deepseek_flavors",
     "model_routing_loss",
     "olmoe_flavors",
     "qwen3_flavors",
