@@ -14,10 +14,8 @@ CUDA allocator's peak on GPU; never process RSS). The same layout goes through
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -67,16 +65,10 @@ def check_config(fields: dict):
 
 def measure(nproc: int, cases: dict[str, dict], folder: str) -> dict[str, dict]:
     """Run ``cases`` in one torchrun launch of ``nproc`` processes; rank 0's results."""
-    out = os.path.join(folder, f"measured_{nproc}.pt")
+    from tiedmoe_titan.shard_check import launch
+
     configs = {name: {**STEP, **fields} for name, fields in cases.items()}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "tiedmoe_titan.shard_check", "--configs", json.dumps(configs), "--out", out,
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode:
-        raise RuntimeError(f"torchrun of {list(cases)} failed:\n{run.stderr[-4000:]}")
-    return torch.load(out, weights_only=False)
+    return launch(nproc, configs, os.path.join(folder, f"measured_{nproc}.pt"), timeout=None)
 
 
 def compare(names: list[str], folder: str | None = None) -> list[dict]:

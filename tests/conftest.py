@@ -26,6 +26,43 @@ def build_model(family: str, tying: TieConfig | None = None, seed: int = 0, **ro
     return model
 
 
+def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def tokens(batch=2, seq=32, vocab=2048):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def assert_tied_equals_untied_with_copied_experts(tied, untied) -> None:
+    """Give ``untied`` (same shape, one expert set per layer) the tied model's weights,
+    each layer's experts copied from the bank it reads; then logits must agree and each
+    bank's gradient must equal the sum of its copies' gradients."""
+    layout = tied.model_args.tie_layout()
+    banks = {layer: tied.layers[str(layer)].moe.experts for layer in layout.moe_layers}
+    with torch.no_grad():
+        tied_params = dict(tied.named_parameters())
+        for name, p in untied.named_parameters():
+            if ".moe.experts." in name:
+                layer, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+                p.copy_(getattr(banks[layer], weight))
+            else:
+                p.copy_(tied_params[name])
+
+    x = tokens()
+    torch.testing.assert_close(tied(x), untied(x), rtol=1e-6, atol=1e-6)
+    ce_loss(tied(x), x).backward()
+    ce_loss(untied(x), x).backward()
+    untied_params = dict(untied.named_parameters())
+    for name, p in tied.named_parameters():
+        if ".moe.experts." in name:
+            owner, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+            copies = [untied_params[f"layers.{layer}.moe.experts.{weight}"].grad for layer in layout.bank_of(owner).layers]
+            torch.testing.assert_close(p.grad, torch.stack(copies).sum(0), rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            torch.testing.assert_close(p.grad, untied_params[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -6,13 +6,10 @@ groups (one allowed per token), one shared expert, sigmoid router, expert bias o
 
 import copy
 import dataclasses
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import build_model, flavor_args
+from conftest import assert_tied_equals_untied_with_copied_experts, build_model, ce_loss, flavor_args, tokens
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.deepseek_v3 import deepseekv3_args
 from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
@@ -25,6 +22,7 @@ from tiedmoe_titan.models.accounting import count_params
 from tiedmoe_titan.optim import update_expert_biases
 from tiedmoe_titan.parallelize import UnsupportedParallelism
 from tiedmoe_titan.plan import plan, shard_dry_run
+from tiedmoe_titan import shard_check
 from tiedmoe_titan.shard_check import CheckConfig, reference
 from tiedmoe_titan.tying import TieConfig
 
@@ -41,14 +39,6 @@ def torchtitan_deepseek(args) -> DeepSeekV3Model:
     plain.moe_args = args.layer_moe_args()  # fp32 for-loop experts, same expert bias setting
     plain.moe_impl = "standard"  # torchtitan sets it in update_from_config
     return DeepSeekV3Model(plain)
-
-
-def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-
-
-def tokens(batch=2, seq=32, vocab=2048):
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
 def test_debug_flavor_exercises_the_family():
@@ -87,32 +77,9 @@ def test_untied_is_torchtitan_deepseek_exactly():
 
 
 def test_tied_equals_untied_torchtitan_with_copied_experts():
-    ours = build_model(FAMILY, TIED_2, seed=5)
-    layout = ours.model_args.tie_layout()
+    tied = build_model(FAMILY, TIED_2, seed=5)
     untied = torchtitan_deepseek(flavor_args(FAMILY))
-    # Copy: every parameter by name; each untied layer's experts from the bank it reads.
-    banks = {layer: ours.layers[str(layer)].moe.experts for layer in layout.moe_layers}
-    with torch.no_grad():
-        ours_params = dict(ours.named_parameters())
-        for name, p in untied.named_parameters():
-            if ".moe.experts." in name:
-                layer, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
-                p.copy_(getattr(banks[layer], weight))
-            else:
-                p.copy_(ours_params[name])
-
-    x = tokens()
-    torch.testing.assert_close(ours(x), untied(x), rtol=1e-6, atol=1e-6)
-    ce_loss(ours(x), x).backward()
-    ce_loss(untied(x), x).backward()
-    untied_params = dict(untied.named_parameters())
-    for name, p in ours.named_parameters():
-        if ".moe.experts." in name:
-            owner, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
-            copies = [untied_params[f"layers.{layer}.moe.experts.{weight}"].grad for layer in layout.bank_of(owner).layers]
-            torch.testing.assert_close(p.grad, torch.stack(copies).sum(0), rtol=1e-5, atol=1e-7, msg=name)
-        else:
-            torch.testing.assert_close(p.grad, untied_params[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_tied_equals_untied_with_copied_experts(tied, untied)
 
 
 def test_only_routed_experts_are_tied():
@@ -234,15 +201,8 @@ COMMON = {"family": FAMILY, "steps": 2, "microbatches": 1}  # gradient accumulat
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deepseek_ranks2") / "results.pt"
     configs = {name: {**COMMON, **fields} for name, fields in LAYOUTS.items()}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "tiedmoe_titan.shard_check", "--configs", json.dumps(configs), "--out", str(out),
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return shard_check.launch(2, configs, str(tmp_path_factory.mktemp("deepseek_ranks2") / "results.pt"))
 
 
 def check_config(fields: dict) -> CheckConfig:

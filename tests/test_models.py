@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import assert_tied_equals_untied_with_copied_experts, build_model, ce_loss, tokens
 from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
 from torchtitan.models.qwen3.model.model import Qwen3Model
 
@@ -21,14 +21,6 @@ def torchtitan_qwen3(args) -> Qwen3Model:
     plain = Qwen3ModelArgs(**{k: copy.deepcopy(getattr(args, k)) for k in fields})
     plain.moe_args = args.layer_moe_args()  # fp32 for-loop experts, same expert bias setting
     return Qwen3Model(plain)
-
-
-def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-
-
-def tokens(batch=2, seq=32, vocab=2048):
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
 def test_untied_is_torchtitan_qwen3_exactly():
@@ -54,32 +46,9 @@ def test_untied_is_torchtitan_qwen3_exactly():
 
 @pytest.mark.parametrize("family", ["qwen3", "olmoe"])
 def test_tied_equals_untied_with_copied_experts(family):
-    ours = build_model(family, TIED_2, seed=5)
-    layout = ours.model_args.tie_layout()
+    tied = build_model(family, TIED_2, seed=5)
     untied = build_model(family, seed=6)  # same family, untied, different weights
-    # Copy: every parameter by name; each untied layer's experts from the bank it reads.
-    banks = {layer: ours.layers[str(layer)].moe.experts for layer in layout.moe_layers}
-    with torch.no_grad():
-        ours_params = dict(ours.named_parameters())
-        for name, p in untied.named_parameters():
-            if ".moe.experts." in name:
-                layer, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
-                p.copy_(getattr(banks[layer], weight))
-            else:
-                p.copy_(ours_params[name])
-
-    x = tokens()
-    torch.testing.assert_close(ours(x), untied(x), rtol=1e-6, atol=1e-6)
-    ce_loss(ours(x), x).backward()
-    ce_loss(untied(x), x).backward()
-    untied_params = dict(untied.named_parameters())
-    for name, p in ours.named_parameters():
-        if ".moe.experts." in name:
-            owner, weight = int(name.split(".")[1]), name.rsplit(".", 1)[1]
-            copies = [untied_params[f"layers.{layer}.moe.experts.{weight}"].grad for layer in layout.bank_of(owner).layers]
-            torch.testing.assert_close(p.grad, torch.stack(copies).sum(0), rtol=1e-5, atol=1e-7, msg=name)
-        else:
-            torch.testing.assert_close(p.grad, untied_params[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_tied_equals_untied_with_copied_experts(tied, untied)
 
 
 def test_each_bank_is_stored_once():

@@ -7,9 +7,6 @@ apart by a visible fraction of an update (see docs/muon.md); in float32 they agr
 about 1e-6 after three steps at lr 0.02.
 """
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from torchtitan.distributed import ParallelDims
 from tiedmoe_titan.config import RecipeError, parse_recipe
 from tiedmoe_titan.muon import MuonConfig, MuonWithAdamW, muon_and_adamw_params, newton_schulz
 from tiedmoe_titan.optim import build_tied_optimizers
+from tiedmoe_titan import shard_check
 from tiedmoe_titan.shard_check import CheckConfig, reference
 from tiedmoe_titan.tying import TieConfig
 
@@ -245,14 +243,7 @@ def test_bad_settings_are_one_line(change, message):
 
 
 def launch(nproc: int, configs: dict, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp(f"muon_ranks{nproc}") / "results.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "tiedmoe_titan.shard_check", "--configs", json.dumps(configs), "--out", str(out),
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return shard_check.launch(nproc, configs, str(tmp_path_factory.mktemp(f"muon_ranks{nproc}") / "results.pt"))
 
 
 @pytest.fixture(scope="module")

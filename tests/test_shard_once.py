@@ -6,13 +6,11 @@ first-step gradients and final weights must match, and the collectives each rank
 issues are counted at the process-group level.
 """
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tiedmoe_titan import shard_check
 from tiedmoe_titan.shard_check import CheckConfig, reference
 from tiedmoe_titan.tying import TieConfig
 
@@ -41,16 +39,8 @@ FOUR_RANKS = {
 
 
 def launch(nproc: int, configs: dict, tmp_path_factory, dcp: bool = False) -> dict:
-    out = tmp_path_factory.mktemp(f"ranks{nproc}") / "results.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "tiedmoe_titan.shard_check", "--configs", json.dumps(configs), "--out", str(out),
-    ]
-    if dcp:
-        cmd += ["--dcp-dir", str(out.parent / "dcp")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    folder = tmp_path_factory.mktemp(f"ranks{nproc}")
+    return shard_check.launch(nproc, configs, str(folder / "results.pt"), str(folder / "dcp") if dcp else None)
 
 
 @pytest.fixture(scope="module")

@@ -265,8 +265,25 @@ def rank_memory(model, optimizers) -> dict[str, int]:
     return held_memory(list(model.parameters()), optimizers)
 
 
+_references: dict[str, dict] = {}
+
+
 def reference(cfg: CheckConfig) -> dict:
-    """The single-process run: all pieces of each step, one after another."""
+    """The single-process run: all pieces of each step, one after another.
+
+    It depends on the layout only through the number of data-parallel pieces, so
+    layouts that differ in how they shard, checkpoint activations or compile share one
+    (computed once per process)."""
+    key = repr(dataclasses.replace(
+        cfg, dp_shard=cfg.dp, dp_replicate=1, ep=1, activation_checkpoint="none",
+        mixed_precision_param="float32", compile_backend="", timing=False,
+    ))
+    if key not in _references:
+        _references[key] = _reference(cfg)
+    return _references[key]
+
+
+def _reference(cfg: CheckConfig) -> dict:
     model = FAMILIES[cfg.family][0](model_args(cfg))
     model.load_state_dict(initial_state(cfg))
     dims = parallel_dims(dataclasses.replace(cfg, dp_shard=1, dp_replicate=1, ep=1), 1)
@@ -393,6 +410,25 @@ def dcp_roundtrip(result: dict, cfg: CheckConfig, directory: str) -> dict:
     identical = all(torch.equal(local(saved[k]), local(after[k])) for k in saved)
     keys = list(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
     return {"identical": identical, "keys": keys}
+
+
+def launch(nproc: int, configs: dict[str, dict], out: str, dcp_dir: str | None = None, timeout: float = 900) -> dict:
+    """Run ``configs`` ({name: CheckConfig fields}) in one torchrun launch of ``nproc``
+    CPU/GPU processes; rank 0's {name: result}."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "-m", __name__, "--configs", json.dumps(configs), "--out", out,
+    ]
+    if dcp_dir:
+        cmd += ["--dcp-dir", dcp_dir]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if run.returncode:
+        raise RuntimeError(f"torchrun of {list(configs)} on {nproc} processes failed:\n{run.stderr[-4000:]}")
+    return torch.load(out, weights_only=False)
 
 
 def main(argv: list[str] | None = None) -> None:
