@@ -1,0 +1,522 @@
+"""Reproduce the tied-experts comparison: untied, tied G=2 / G=4, G=4 with 4x bank
+expansion and the iso-parameter narrow control, trained on the same tokens.
+
+    python experiments/reproduce_tying.py [--out DIR] [--data-train GLOBS --data-valid GLOBS]
+                                          [--seeds 3] [--jobs 2] [--quick | --scale]
+
+Every variant x seed is one ``tiedmoe-train`` run (a subprocess) of the same model
+shape on the same data in the same order; only the tie layout and the seed (the
+initial weights) differ. Per run:
+
+* train and in-run validation loss curves and tokens/s come from the run's TensorBoard
+  events; the final train loss is the mean of the last ``FINAL_TRAIN_POINTS`` logged
+  steps (one step's loss is one batch's; every run sees the same batches);
+* the held-out loss and perplexity are ``tiedmoe-eval``'s (``tiedmoe_titan.eval``) on
+  the run's last checkpoint over every token of the validation files.
+
+Per variant, once: unique and active parameters (``tiedmoe-plan``'s counts) and the
+peak tensor memory of one training step (``shard_check.peak_step_memory``: torch's
+MemTracker on CPU, which follows every tensor of the step; the CUDA allocator's peak on
+a GPU; never process RSS), measured on synthetic tokens of the same batch shape in one
+``shard_check`` launch that takes a run slot (MemTracker makes that step slow, minutes
+on CPU; ``--quick`` skips it).
+
+Tokens/s is the median over a run's logged intervals (the first excluded) with
+``--jobs`` runs side by side, each on cores / jobs threads: on a shared machine it
+moves with the load, so compare it within one comparison only.
+
+Positive controls, which should come out clearly worse, or the comparison could not see
+a real loss: all MoE layers share one bank (G = every MoE layer, no anchors) holding
+only top-k experts, so the layers stop routing and share one set of expert weights;
+and the same with experts ``THIN_EXPERT_FFN`` wide (next to no expert capacity).
+
+The default corpus is real English prose available offline: the docstrings of this
+Python's standard library (``tiedmoe_titan.data.build_stdlib_corpus``, one document
+per module, split into train / valid by module path), collected under ``--out``.
+
+Outputs under ``--out``: ``results.json``, ``results.md`` (the table), ``train_loss.png``
+and ``val_loss.png`` (matplotlib), ``runs/<variant>-s<seed>/`` (each run's dump folder,
+log and ``result.json``; a run whose ``result.json`` exists is not run again, so an
+interrupted comparison resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_RECIPE = os.path.join(REPO, "recipes", "debug_cpu.toml")
+FINAL_TRAIN_POINTS = 5  # logged steps averaged into the final train loss
+ALL_LAYERS = -1  # group_size placeholder: every MoE layer of the model
+THIN_EXPERT_FFN = 8  # expert FFN width of the second positive control
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    tying: dict
+    shape: dict = field(default_factory=dict)  # model-arg overrides on top of the scale's shape
+    positive_control: bool = False
+
+
+ANCHORS = {"untied_first": 2, "untied_last": 2}
+VARIANTS = (
+    Variant("untied", "untied (G=1)", {"group_size": 1}),
+    Variant("g2", "tied G=2, 2+2 anchors", {"group_size": 2, **ANCHORS}),
+    Variant("g4", "tied G=4, 2+2 anchors", {"group_size": 4, **ANCHORS}),
+    Variant("g4_x4", "tied G=4, 2+2 anchors, 4x bank", {"group_size": 4, **ANCHORS, "bank_expansion": 4}),
+    Variant("narrow", "narrow control of G=4 (untied, iso-params)", {"group_size": 4, **ANCHORS, "narrow_control": True}),
+    Variant(
+        "one_bank_topk", "positive control: one bank of top-k experts for all layers",
+        {"group_size": ALL_LAYERS}, shape={"moe_args": {"num_experts": "top_k"}}, positive_control=True,
+    ),
+    # The same with experts THIN_EXPERT_FFN wide: almost no expert capacity left at all.
+    Variant(
+        "thin_one_bank", f"positive control: as above, experts {THIN_EXPERT_FFN} wide",
+        {"group_size": ALL_LAYERS}, shape={"moe_inter_dim": THIN_EXPERT_FFN, "moe_args": {"num_experts": "top_k"}},
+        positive_control=True,
+    ),
+)
+QUICK_VARIANTS = ("untied", "g4")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Model shape (overrides of the olmoe debug flavor) and training budget."""
+
+    shape: dict
+    steps: int
+    batch: int
+    seq_len: int
+    warmup: int
+    log_freq: int
+    val_freq: int
+    val_batches: int
+    lr: float
+    seeds: int
+    variants: tuple[str, ...]
+    mixed_precision: str = "float32"
+
+
+SCALES = {
+    # The olmoe debug flavor (d128, 8 layers, 8 experts top-2, expert FFN 64, vocab 2048).
+    "default": Scale(shape={}, steps=400, batch=8, seq_len=128, warmup=20, log_freq=10, val_freq=100, val_batches=8,
+                     lr=3e-3, seeds=3, variants=tuple(v.name for v in VARIANTS)),
+    # A CI smoke test: two variants, one seed, a handful of steps.
+    "quick": Scale(shape={}, steps=8, batch=2, seq_len=64, warmup=2, log_freq=2, val_freq=4, val_batches=2,
+                   lr=3e-3, seeds=1, variants=QUICK_VARIANTS),
+    # The same comparison bigger, for a GPU: d512, 16 layers, 16 experts top-4.
+    "scale": Scale(
+        shape={"dim": 512, "n_layers": 16, "n_heads": 8, "n_kv_heads": 8, "head_dim": 64, "moe_inter_dim": 256,
+               "max_seq_len": 1024, "moe_args": {"num_experts": 16, "top_k": 4}},
+        steps=5000, batch=32, seq_len=1024, warmup=200, log_freq=50, val_freq=500, val_batches=16,
+        lr=1e-3, seeds=3, variants=tuple(v.name for v in VARIANTS), mixed_precision="bfloat16",
+    ),
+}
+
+
+def log(message: str) -> None:
+    print(f"[reproduce_tying {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- model shape and tying of a variant ---------------------------------------------
+
+
+def model_args(scale: Scale, variant: Variant):
+    """The variant's model args: the olmoe debug flavor, the scale's shape, the variant's
+    shape and tying."""
+    from tiedmoe_titan.models import FAMILIES
+    from tiedmoe_titan.tying import TieConfig
+
+    args = copy.deepcopy(FAMILIES["olmoe"][1]["debug"])  # flavors are shared objects
+    for key, value in _resolved_shape(scale, variant).items():
+        current = getattr(args, key)
+        setattr(args, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
+    args.tying = TieConfig(**tying_of(variant, args.n_layers))
+    return args
+
+
+def _resolved_shape(scale: Scale, variant: Variant) -> dict:
+    shape = {**scale.shape, **variant.shape, "moe_args": {**scale.shape.get("moe_args", {}), **variant.shape.get("moe_args", {})}}
+    if shape["moe_args"].get("num_experts") == "top_k":
+        from tiedmoe_titan.models import FAMILIES
+
+        shape["moe_args"]["num_experts"] = shape["moe_args"].get("top_k", FAMILIES["olmoe"][1]["debug"].moe_args.top_k)
+    return shape
+
+
+def tying_of(variant: Variant, n_layers: int) -> dict:
+    """Every [tying] key (the base recipe's anchors must not leak into a variant)."""
+    from tiedmoe_titan.tying import TieConfig
+
+    tying = {**dataclasses.asdict(TieConfig()), **variant.tying}
+    if tying["group_size"] == ALL_LAYERS:
+        tying["group_size"] = n_layers  # every layer of the olmoe flavors is an MoE layer
+    return tying
+
+
+def check_shape(scale: Scale, variant: Variant) -> dict:
+    """The variant as ``shard_check.CheckConfig`` fields (shape as model overrides)."""
+    shape = _resolved_shape(scale, variant)
+    args = model_args(scale, variant)
+    return {
+        "family": "olmoe", "flavor": "debug", "tying": tying_of(variant, args.n_layers), "model_overrides": shape,
+        "batch": scale.batch, "seq_len": scale.seq_len, "microbatches": 1, "steps": 2, "timing": True,
+        "expert_bias_rate": 0.0, "lr": scale.lr, "mixed_precision_param": scale.mixed_precision,
+    }
+
+
+# ---- data ---------------------------------------------------------------------------
+
+
+def default_corpus(out: str) -> tuple[str, str]:
+    """The stdlib-docstring corpus, collected under ``out`` once."""
+    from tiedmoe_titan.data import build_stdlib_corpus
+
+    folder = os.path.join(out, "corpus")
+    train, valid = os.path.join(folder, "train.jsonl"), os.path.join(folder, "valid.jsonl")
+    if not (os.path.isfile(train) and os.path.isfile(valid)):
+        log(f"collecting the default corpus (standard-library docstrings) into {folder}")
+        build_stdlib_corpus(folder, max_bytes=64_000_000)  # no real cap: every docstring (~1.9 MB)
+    return train, valid
+
+
+# ---- one training run ---------------------------------------------------------------
+
+
+def train_command(scale: Scale, variant: Variant, seed: int, run_dir: str, flavor_file: str, train: str, valid: str) -> list[str]:
+    from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH
+
+    tying = tying_of(variant, model_args(scale, variant).n_layers)
+    overrides = {
+        "job.dump_folder": run_dir,
+        "model.flavor": flavor_file,
+        "model.hf_assets_path": DEFAULT_TOKENIZER_PATH,
+        "training.dataset_path": train,
+        "training.steps": scale.steps,
+        "training.local_batch_size": scale.batch,
+        "training.seq_len": scale.seq_len,
+        "training.mixed_precision_param": scale.mixed_precision,
+        "optimizer.lr": scale.lr,
+        "lr_scheduler.warmup_steps": scale.warmup,
+        "validation.dataset_path": valid,
+        "validation.freq": scale.val_freq,
+        "validation.steps": scale.val_batches,
+        "validation.local_batch_size": scale.batch,
+        "validation.seq_len": scale.seq_len,
+        "metrics.log_freq": scale.log_freq,
+        # The last step's model is saved (model only) for tiedmoe-eval; nothing before it.
+        "checkpoint.enable": True,
+        "checkpoint.interval": scale.steps,
+        "debug.seed": seed,
+        **{f"tying.{key}": value for key, value in tying.items()},
+    }
+    argv = [sys.executable, "-m", "tiedmoe_titan.train", BASE_RECIPE]
+    for key, value in overrides.items():
+        if isinstance(value, bool):  # a flag; False is every base-recipe default it could undo
+            argv += [f"--{key}"] if value else []
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read_events(tb_root: str) -> dict[str, list[tuple[int, float]]]:
+    """Scalar series of a run's TensorBoard events: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(tb_root, "**", "events.out.tfevents.*"), recursive=True)):
+        events = EventAccumulator(path, size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return {tag: sorted(points) for tag, points in series.items()}
+
+
+def run_one(scale: Scale, variant: Variant, seed: int, out: str, train: str, valid: str, threads: int) -> dict:
+    """Train one variant x seed (unless done before) and evaluate its last checkpoint."""
+    from tiedmoe_titan.eval import evaluate
+    from tiedmoe_titan.hf.checkpoints import single_process
+    from tiedmoe_titan.hf.flavor_file import write_flavor_file
+
+    name = f"{variant.name}-s{seed}"
+    run_dir = os.path.join(out, "runs", name)
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.isfile(result_path):
+        with open(result_path) as f:
+            log(f"{name}: done before, reusing {result_path}")
+            return json.load(f)
+    # Whatever an interrupted attempt left (a checkpoint would be resumed) goes.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    flavor_file = os.path.join(run_dir, "flavor.json")
+    write_flavor_file(model_args(scale, variant), flavor_file)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    log(f"{name}: training {scale.steps} steps ({threads} thread(s)), log {run_dir}/train.log")
+    with open(os.path.join(run_dir, "train.log"), "w") as log_file:
+        done = subprocess.run(train_command(scale, variant, seed, run_dir, flavor_file, train, valid),
+                              stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{name}: tiedmoe-train exited with {done.returncode}; see {run_dir}/train.log")
+    train_seconds = time.perf_counter() - start
+    series = read_events(os.path.join(run_dir, "tb"))
+    train_curve = series["loss_metrics/global_avg_loss"]
+    tps = [value for step, value in series["throughput(tps)"] if step > 1]  # step 1 is warm-up
+    with single_process():
+        held_out = evaluate(os.path.join(run_dir, "checkpoint"), valid, progress=lambda m: log(f"{name}: eval: {m}"))
+    result = {
+        "variant": variant.name,
+        "seed": seed,
+        "train_curve": train_curve,
+        "val_curve": series.get("validation_metrics/loss", []),
+        "final_train_loss": statistics.fmean(v for _, v in train_curve[-FINAL_TRAIN_POINTS:]),
+        "tokens_per_s": statistics.median(tps),
+        "val_loss": held_out.loss,
+        "val_perplexity": held_out.perplexity,
+        "val_tokens": held_out.tokens,
+        "train_seconds": train_seconds,
+    }
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+    log(f"{name}: held-out loss {held_out.loss:.4f} (ppl {held_out.perplexity:.2f}), "
+        f"final train loss {result['final_train_loss']:.4f}, {result['tokens_per_s']:.0f} tokens/s, {train_seconds:.0f} s")
+    return result
+
+
+# ---- per-variant measurements -------------------------------------------------------
+
+
+def param_counts(scale: Scale, variant: Variant) -> dict:
+    """Unique and active parameters, as tiedmoe-plan counts them."""
+    from tiedmoe_titan.models import FAMILIES
+    from tiedmoe_titan.plan import meta_param_counts
+
+    counts = meta_param_counts(FAMILIES["olmoe"][0], model_args(scale, variant))
+    return {"unique_params": counts.total, "active_params": counts.active, "expert_params": counts.expert}
+
+
+def peak_memory(scale: Scale, variants: list[Variant], out: str) -> dict[str, int]:
+    """Peak tensor memory (bytes) of one training step of each variant, one launch."""
+    path = os.path.join(out, "peak_memory.json")
+    peaks = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            peaks = json.load(f)
+    configs = {v.name: check_shape(scale, v) for v in variants if v.name not in peaks}
+    if not configs:
+        return peaks
+    log(f"measuring the peak memory of one step of each variant ({', '.join(configs)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "peak.pt")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "tiedmoe_titan.shard_check", "--configs", json.dumps(configs), "--out", result_file]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+        if done.returncode:
+            raise RuntimeError(f"peak-memory launch failed:\n{done.stderr[-3000:]}")
+        measured = torch.load(result_file, weights_only=False)
+    peaks.update({name: int(r["peak_memory"]) for name, r in measured.items()})
+    with open(path, "w") as f:
+        json.dump(peaks, f)
+    return peaks
+
+
+# ---- summary --------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(variants: list[Variant], runs: list[dict], params: dict, peaks: dict) -> list[dict]:
+    rows = []
+    baseline = [r["val_loss"] for r in runs if r["variant"] == "untied"]
+    for variant in variants:
+        mine = [r for r in runs if r["variant"] == variant.name]
+        if not mine:
+            continue
+        val = [r["val_loss"] for r in mine]
+        row = {
+            "variant": variant.name, "label": variant.label, "positive_control": variant.positive_control,
+            **params[variant.name], "peak_memory_bytes": peaks.get(variant.name),
+            "seeds": sorted(r["seed"] for r in mine),
+            "tokens_per_s": spread([r["tokens_per_s"] for r in mine]),
+            "final_train_loss": spread([r["final_train_loss"] for r in mine]),
+            "val_loss": spread(val),
+            "val_perplexity": spread([r["val_perplexity"] for r in mine]),
+        }
+        if baseline and variant.name != "untied":
+            # Seeds are independent draws (different architectures share no init), so the
+            # difference of means has standard error sqrt(s1^2/n1 + s2^2/n2).
+            diff = statistics.fmean(val) - statistics.fmean(baseline)
+            se = math.sqrt(row["val_loss"]["std"] ** 2 / len(val) + spread(baseline)["std"] ** 2 / len(baseline))
+            row["val_loss_vs_untied"] = {"diff": diff, "standard_error": se}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def pm(s: dict, digits: int) -> str:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    lines = [
+        "| variant | unique params | active params | peak MiB / step | tokens/s | final train loss | held-out loss | held-out ppl | Δ loss vs untied (± s.e.) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        diff = r.get("val_loss_vs_untied")
+        delta = f"{diff['diff']:+.4f} ± {diff['standard_error']:.4f}" if diff else "—"
+        peak = f"{r['peak_memory_bytes'] / 2**20:.1f}" if r["peak_memory_bytes"] else "—"
+        lines.append(
+            f"| {r['label']} | {r['unique_params'] / 1e6:.3f}M | {r['active_params'] / 1e6:.3f}M | {peak} "
+            f"| {pm(r['tokens_per_s'], 0)} | {pm(r['final_train_loss'], 4)} | {pm(r['val_loss'], 4)} "
+            f"| {pm(r['val_perplexity'], 2)} | {delta} | {len(r['seeds'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(variants: list[Variant], runs: list[dict], out: str) -> list[str]:
+    """train_loss.png and val_loss.png: per variant the mean over seeds, min-max shaded."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install '.[experiments]'): no plots")
+        return []
+    written = []
+    for key, title, filename in (("train_curve", "train loss", "train_loss.png"), ("val_curve", "validation loss (in-run subset)", "val_loss.png")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for variant in variants:
+            curves = [dict(r[key]) for r in runs if r["variant"] == variant.name and r[key]]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            values = [[c[s] for c in curves] for s in steps]
+            mean = [statistics.fmean(v) for v in values]
+            line, = ax.plot(steps, mean, label=f"{variant.label} (n={len(curves)})",
+                            linestyle="--" if variant.positive_control else "-")
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if key == "train_curve":  # the first steps (loss ~ ln vocab) would flatten the rest
+            ax.set_ylim(top=min(max(v for r in runs for _, v in r[key][len(r[key]) // 10:]) + 0.2, 10))
+        path = os.path.join(out, filename)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# ---- main ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(REPO, "outputs", "reproduce_tying"), help="output folder")
+    p.add_argument("--data-train", help="training text: .txt / .jsonl / .parquet globs (default: stdlib docstrings)")
+    p.add_argument("--data-valid", help="held-out text, same formats (required with --data-train)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke test: 2 variants, 1 seed, a few steps")
+    size.add_argument("--scale", action="store_true", help="the bigger comparison, for a GPU")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3; --quick 1)")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the scale's)")
+    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (default with --quick: it is slow)")
+    p.add_argument("--jobs", type=int, default=0, help="runs at a time (default: 2 on CPU, each on half the cores; 1 on GPU)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    a = p.parse_args(argv)
+    if bool(a.data_train) != bool(a.data_valid):
+        p.error("--data-train and --data-valid go together")
+    a.no_memory = a.no_memory or a.quick
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    scale = SCALES["quick" if a.quick else "scale" if a.scale else "default"]
+    scale = dataclasses.replace(scale, seeds=a.seeds or scale.seeds, steps=a.steps or scale.steps)
+    names = a.variants.split(",") if a.variants else list(scale.variants)
+    unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
+    if unknown:
+        raise SystemExit(f"reproduce_tying: unknown variant {unknown[0]!r}: choose from {', '.join(v.name for v in VARIANTS)}")
+    variants = [v for v in VARIANTS if v.name in names]
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    train, valid = (a.data_train, a.data_valid) if a.data_train else default_corpus(out)
+    jobs = a.jobs or (1 if torch.cuda.is_available() else 2)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)
+    # Evaluations run in this process, beside the other slot's run: more threads than
+    # cores make every parallel op wait for a descheduled thread.
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    log(f"{len(variants)} variants x {scale.seeds} seeds, {scale.steps} steps of {scale.batch} x {scale.seq_len} tokens, "
+        f"{jobs} run(s) at a time; output {out}")
+
+    params = {v.name: param_counts(scale, v) for v in variants}
+    # Seed-major order: an interrupted comparison holds whole seeds of every variant.
+    tasks = [(v, seed) for seed in range(scale.seeds) for v in variants]
+    reused = sum(os.path.isfile(os.path.join(out, "runs", f"{v.name}-s{seed}", "result.json")) for v, seed in tasks)
+    runs, peaks = [], {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        # The memory measurement takes a slot like a run (MemTracker makes its step slow).
+        memory = None if a.no_memory else pool.submit(peak_memory, scale, variants, out)
+        futures = [pool.submit(run_one, scale, v, seed, out, train, valid, threads) for v, seed in tasks]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+            runs.append(future.result())
+            log(f"{done}/{len(tasks)} runs done, {time.perf_counter() - started:.0f} s elapsed")
+        if memory is not None:
+            peaks = memory.result()
+
+    rows = summarize(variants, runs, params, peaks)
+    table = markdown_table(rows)
+    plots = plot_curves(variants, runs, out)
+    summary = {
+        "machine": machine(), "command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+        "scale": dataclasses.asdict(scale), "train_data": train, "valid_data": valid,
+        "wall_seconds": time.perf_counter() - started, "reused_runs": reused, "jobs": jobs, "threads_per_run": threads,
+        "rows": rows, "runs": runs,
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(f"Machine: {summary['machine']}; {jobs} run(s) at a time, {threads} thread(s) each; "
+                f"wall {summary['wall_seconds'] / 60:.1f} min ({reused} of {len(tasks)} runs reused from an earlier invocation; "
+                f"each run's own time is in results.json).\n\n{table}\n")
+    print(table)
+    log(f"wrote {out}/results.json, results.md{''.join(', ' + os.path.basename(p) for p in plots)} "
+        f"in {summary['wall_seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
