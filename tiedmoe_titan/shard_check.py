@@ -450,6 +450,9 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {k: v for k, v in result.items() if k not in ("model", "optimizers", "parallel_dims")}
     if dist.get_rank() == 0:
         torch.save(results, a.out)
+    # Every rank's collectives are done before any tears its process groups down (gloo
+    # aborts a rank whose peer leaves while it still has work in flight).
+    dist.barrier()
     dist.destroy_process_group()
 
 
