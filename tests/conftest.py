@@ -34,6 +34,27 @@ def tokens(batch=2, seq=32, vocab=2048):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
+def assert_equals_torchtitan_model(ours, theirs, seed: int) -> None:
+    """An untied model (G=1) is torchtitan's: the same parameter and buffer names, the
+    same init from the same seed (``ours`` was initialised with ``seed``), bit-equal
+    logits and gradients equal to rounding."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        theirs.init_weights()
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert ours_sd.keys() == theirs_sd.keys()
+    for k in ours_sd:
+        torch.testing.assert_close(ours_sd[k], theirs_sd[k], rtol=0, atol=0, msg=k)
+
+    x = tokens()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    ce_loss(ours(x), x).backward()
+    ce_loss(theirs(x), x).backward()
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs_params[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def assert_tied_equals_untied_with_copied_experts(tied, untied) -> None:
     """Give ``untied`` (same shape, one expert set per layer) the tied model's weights,
     each layer's experts copied from the bank it reads; then logits must agree and each

@@ -85,7 +85,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, group_size):
 
 
 def test_rng_state_round_trips_through_dcp(tmp_path):
-    from tiedmoe_titan.checkpoint import RngState, saved_rng_ranks
+    from tiedmoe_titan.checkpoint import RngState, saved_ranks
 
     torch.manual_seed(3)
     dcp.save({"rng": RngState(0)}, checkpoint_id=str(tmp_path), no_dist=True)
@@ -93,7 +93,7 @@ def test_rng_state_round_trips_through_dcp(tmp_path):
     torch.manual_seed(5)
     dcp.load({"rng": RngState(0)}, checkpoint_id=str(tmp_path), no_dist=True)
     assert torch.equal(torch.rand(4), expected)
-    assert saved_rng_ranks(str(tmp_path)) == 1
+    assert saved_ranks(str(tmp_path), "rng.rank_") == 1
 
 
 def test_interrupted_save_is_set_aside_and_previous_checkpoint_resumes(tmp_path):

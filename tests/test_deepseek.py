@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_tied_equals_untied_with_copied_experts, build_model, ce_loss, flavor_args, tokens
+from conftest import assert_equals_torchtitan_model, assert_tied_equals_untied_with_copied_experts, build_model, flavor_args, tokens
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.deepseek_v3 import deepseekv3_args
 from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
@@ -57,23 +57,7 @@ def test_sdpa_flavors_give_no_attention_masks():
 
 def test_untied_is_torchtitan_deepseek_exactly():
     ours = build_model(FAMILY, seed=3)
-    theirs = torchtitan_deepseek(ours.model_args)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        theirs.init_weights()
-    # Same parameter and buffer names (expert biases included), the same init from the same seed.
-    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
-    assert ours_sd.keys() == theirs_sd.keys()
-    for k in ours_sd:
-        torch.testing.assert_close(ours_sd[k], theirs_sd[k], rtol=0, atol=0, msg=k)
-
-    x = tokens()
-    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
-    ce_loss(ours(x), x).backward()
-    ce_loss(theirs(x), x).backward()
-    theirs_params = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs_params[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert_equals_torchtitan_model(ours, torchtitan_deepseek(ours.model_args), seed=3)
 
 
 def test_tied_equals_untied_torchtitan_with_copied_experts():

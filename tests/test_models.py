@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_tied_equals_untied_with_copied_experts, build_model, ce_loss, tokens
+from conftest import assert_equals_torchtitan_model, assert_tied_equals_untied_with_copied_experts, build_model, tokens
 from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
 from torchtitan.models.qwen3.model.model import Qwen3Model
 
@@ -25,23 +25,7 @@ def torchtitan_qwen3(args) -> Qwen3Model:
 
 def test_untied_is_torchtitan_qwen3_exactly():
     ours = build_model("qwen3", seed=3)
-    theirs = torchtitan_qwen3(ours.model_args)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        theirs.init_weights()
-    # Same parameter names, and the same init from the same seed.
-    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
-    assert ours_sd.keys() == theirs_sd.keys()
-    for k in ours_sd:
-        torch.testing.assert_close(ours_sd[k], theirs_sd[k], rtol=0, atol=0, msg=k)
-
-    x = tokens()
-    ce_loss(ours(x), x).backward()
-    ce_loss(theirs(x), x).backward()
-    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
-    theirs_params = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs_params[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert_equals_torchtitan_model(ours, torchtitan_qwen3(ours.model_args), seed=3)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "olmoe"])

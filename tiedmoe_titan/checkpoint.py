@@ -63,12 +63,13 @@ class RngState(Stateful):
             torch.cuda.set_rng_state(states["accelerator"])
 
 
-def saved_rng_ranks(checkpoint_dir: str) -> int:
-    """How many ranks saved their RNG states in a DCP checkpoint (0: none)."""
+def saved_ranks(checkpoint_dir: str, prefix: str) -> int:
+    """How many ranks saved a per-rank state under ``prefix`` (``dataloader.dp_rank_``,
+    ``rng.rank_``) in a DCP checkpoint (0: none)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
-    return len({key.split(".")[1] for key in metadata if key.startswith(f"{RngState.KEY}.rank_")})
+    return len({key[len(prefix):].split(".")[0] for key in metadata if key.startswith(prefix)})
 
 
 class CheckpointMismatch(ValueError):
@@ -111,14 +112,6 @@ def _describe(key: str) -> str:
     """A state-dict key in the words of the tie layout."""
     m = re.match(r"layers\.(\d+)\.moe\.experts\.(w\d)$", key)
     return f"the bank of layers.{m.group(1)} ({m.group(2)})" if m else key
-
-
-def saved_data_ranks(checkpoint_dir: str) -> int:
-    """How many data-parallel ranks saved their data position in a DCP checkpoint (0: none)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
-    return sum(1 for key in metadata if key.startswith("dataloader.dp_rank_"))
 
 
 def check_compatible(checkpoint_dir: str, model_state: dict[str, torch.Tensor]) -> None:

@@ -42,8 +42,7 @@ from .checkpoint import (
     RngState,
     check_compatible,
     complete_steps,
-    saved_data_ranks,
-    saved_rng_ranks,
+    saved_ranks,
     set_aside_incomplete,
 )
 from .config import RecipeError, check_run, parse_recipe, write_resolved_recipe
@@ -83,13 +82,13 @@ class TiedMoETrainer(Trainer):
         if step > 0 and os.path.isdir(os.path.join(folder, f"step-{step}")):
             checkpoint_dir = os.path.join(folder, f"step-{step}")
             check_compatible(checkpoint_dir, self.checkpointer.states["model"].state_dict())
-            saved_ranks = saved_data_ranks(checkpoint_dir)
-            if saved_ranks and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
+            data_ranks = saved_ranks(checkpoint_dir, "dataloader.dp_rank_")
+            if data_ranks and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
                 try:
-                    self.dataloader.resume_from_ranks(saved_ranks)
+                    self.dataloader.resume_from_ranks(data_ranks)
                 except ValueError as e:
                     raise CheckpointMismatch(f"step-{step}: {e}") from None
-            rng_ranks, world = saved_rng_ranks(checkpoint_dir), torch.distributed.get_world_size()
+            rng_ranks, world = saved_ranks(checkpoint_dir, f"{RngState.KEY}.rank_"), torch.distributed.get_world_size()
             if rng_ranks != world:
                 logger.info(f"step-{step} holds the RNG states of {rng_ranks} ranks, this run has {world}: not restored")
                 self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, RngState.KEY]
