@@ -2,11 +2,15 @@
 expansion and the iso-parameter narrow control, trained on the same tokens.
 
     python experiments/reproduce_tying.py [--out DIR] [--data-train GLOBS --data-valid GLOBS]
-                                          [--seeds 3] [--jobs 2] [--quick | --scale]
+                                          [--seeds 6] [--jobs 2] [--quick | --scale]
 
 Every variant x seed is one ``tiedmoe-train`` run (a subprocess) of the same model
-shape on the same data in the same order; only the tie layout and the seed (the
-initial weights) differ. Per run:
+shape on the same data in the same order, started from that seed's initial weights.
+The variants of one seed share those weights wherever they have the same tensor
+(``initial_weights``: common random numbers), so a variant's held-out loss is compared
+with untied's seed by seed. With independent draws, the seed-to-seed spread of this
+small MoE (0.01-0.04 nats) hid a 0.02-nat difference; paired, the differences
+spread much less. Per run:
 
 * train and in-run validation loss curves and tokens/s come from the run's TensorBoard
   events; the final train loss is the mean of the last ``FINAL_TRAIN_POINTS`` logged
@@ -34,10 +38,12 @@ The default corpus is real English prose available offline: the docstrings of th
 Python's standard library (``tiedmoe_titan.data.build_stdlib_corpus``, one document
 per module, split into train / valid by module path), collected under ``--out``.
 
-Outputs under ``--out``: ``results.json``, ``results.md`` (the table), ``train_loss.png``
-and ``val_loss.png`` (matplotlib), ``runs/<variant>-s<seed>/`` (each run's dump folder,
-log and ``result.json``; a run whose ``result.json`` exists is not run again, so an
-interrupted comparison resumes).
+Outputs under ``--out``: ``results.json``, ``results.md`` (the table), ``train_loss.png``,
+``val_loss.png`` and ``val_loss_vs_untied.png`` (matplotlib), ``init/s<seed>/<variant>``
+(initial weights), ``runs/<variant>-s<seed>/`` (each run's dump folder, log and
+``result.json``; a run whose ``result.json`` exists is not run again, so an interrupted
+comparison resumes, and more seeds or variants add to it). ``settings.json`` records
+the training settings; a later invocation with other settings is refused.
 """
 
 from __future__ import annotations
@@ -119,7 +125,7 @@ class Scale:
 SCALES = {
     # The olmoe debug flavor (d128, 8 layers, 8 experts top-2, expert FFN 64, vocab 2048).
     "default": Scale(shape={}, steps=400, batch=8, seq_len=128, warmup=20, log_freq=10, val_freq=100, val_batches=8,
-                     lr=3e-3, seeds=3, variants=tuple(v.name for v in VARIANTS)),
+                     lr=3e-3, seeds=6, variants=tuple(v.name for v in VARIANTS)),
     # A CI smoke test: two variants, one seed, a handful of steps.
     "quick": Scale(shape={}, steps=8, batch=2, seq_len=64, warmup=2, log_freq=2, val_freq=4, val_batches=2,
                    lr=3e-3, seeds=1, variants=QUICK_VARIANTS),
@@ -199,10 +205,82 @@ def default_corpus(out: str) -> tuple[str, str]:
     return train, valid
 
 
+# ---- the output folder ----------------------------------------------------------------
+
+
+def claim_out_folder(out: str, scale: Scale, train: str, valid: str) -> None:
+    """Finished runs and initial weights under ``out`` are reused, which is right only
+    for the same settings: the first invocation records them in ``settings.json`` and a
+    later one must match (more seeds or variants are fine)."""
+    settings = {**dataclasses.asdict(scale), "train_data": os.path.abspath(train), "valid_data": os.path.abspath(valid)}
+    for key in ("seeds", "variants"):
+        del settings[key]
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
+    path = os.path.join(out, "settings.json")
+    if not os.path.isfile(path):
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
+        return
+    with open(path) as f:
+        before = json.load(f)
+    changed = [f"{k}: {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]
+    if changed:
+        raise SystemExit(f"reproduce_tying: {out} holds runs made with other settings ({'; '.join(changed)}): "
+                         f"pass another --out, or remove the folder to start over")
+
+
+# ---- common initial weights -----------------------------------------------------------
+
+
+def initial_weights(scale: Scale, variants: list[Variant], seed: int, out: str) -> dict[str, str]:
+    """Seed ``seed``'s initial checkpoint of every variant (variant -> DCP folder).
+
+    Common random numbers: every variant starts from the untied model's initial weights
+    at this seed wherever it has the same tensor (same name and shape), and from its
+    own initialisation at this seed elsewhere. A bank is stored under its group's first
+    layer's expert names and is initialised by that layer in a tied model too, so a
+    tied G=2 / G=4 model starts as exactly the untied one with the other layers'
+    experts dropped: the same embeddings, attention, norms, routers and owner experts.
+    Each variant keeps its natural initial distribution; what changes is that the
+    variants of one seed no longer differ by unrelated random draws, so the per-seed
+    difference from untied measures tying, not the luck of the draw."""
+    from tiedmoe_titan.hf.checkpoints import single_process
+    from tiedmoe_titan.models import FAMILIES
+
+    import torch.distributed.checkpoint as dcp
+
+    def init(variant: Variant) -> dict[str, torch.Tensor]:
+        model = FAMILIES["olmoe"][0](model_args(scale, variant))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.init_weights()
+        return model.state_dict()
+
+    folders = {v.name: os.path.join(out, "init", f"s{seed}", v.name) for v in variants}
+    missing = [v for v in variants if not os.path.isfile(os.path.join(folders[v.name], ".metadata"))]
+    if not missing:
+        return folders
+    untied = init(next(v for v in VARIANTS if v.name == "untied"))
+    for variant in missing:
+        state = init(variant)
+        shared = [k for k, t in state.items() if k in untied and untied[k].shape == t.shape]
+        state.update({k: untied[k] for k in shared})
+        numel = sum(t.numel() for t in state.values())
+        log(f"{variant.name}-s{seed}: initial weights, {sum(state[k].numel() for k in shared) / numel:.0%} "
+            f"of them the untied model's")
+        partial = folders[variant.name] + ".partial"  # complete once renamed
+        for folder in (partial, folders[variant.name]):
+            shutil.rmtree(folder, ignore_errors=True)
+        with single_process():
+            dcp.save(state, checkpoint_id=partial)
+        os.replace(partial, folders[variant.name])
+    return folders
+
+
 # ---- one training run ---------------------------------------------------------------
 
 
-def train_command(scale: Scale, variant: Variant, seed: int, run_dir: str, flavor_file: str, train: str, valid: str) -> list[str]:
+def train_command(scale: Scale, variant: Variant, seed: int, run_dir: str, flavor_file: str, init: str, train: str, valid: str) -> list[str]:
     from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH
 
     tying = tying_of(variant, model_args(scale, variant).n_layers)
@@ -226,6 +304,7 @@ def train_command(scale: Scale, variant: Variant, seed: int, run_dir: str, flavo
         # The last step's model is saved (model only) for tiedmoe-eval; nothing before it.
         "checkpoint.enable": True,
         "checkpoint.interval": scale.steps,
+        "checkpoint.initial_load_path": init,  # model only (torchtitan's default)
         "debug.seed": seed,
         **{f"tying.{key}": value for key, value in tying.items()},
     }
@@ -251,7 +330,7 @@ def read_events(tb_root: str) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points) for tag, points in series.items()}
 
 
-def run_one(scale: Scale, variant: Variant, seed: int, out: str, train: str, valid: str, threads: int) -> dict:
+def run_one(scale: Scale, variant: Variant, seed: int, init: str, out: str, train: str, valid: str, threads: int) -> dict:
     """Train one variant x seed (unless done before) and evaluate its last checkpoint."""
     from tiedmoe_titan.eval import evaluate
     from tiedmoe_titan.hf.checkpoints import single_process
@@ -273,7 +352,7 @@ def run_one(scale: Scale, variant: Variant, seed: int, out: str, train: str, val
     start = time.perf_counter()
     log(f"{name}: training {scale.steps} steps ({threads} thread(s)), log {run_dir}/train.log")
     with open(os.path.join(run_dir, "train.log"), "w") as log_file:
-        done = subprocess.run(train_command(scale, variant, seed, run_dir, flavor_file, train, valid),
+        done = subprocess.run(train_command(scale, variant, seed, run_dir, flavor_file, init, train, valid),
                               stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
     if done.returncode:
         raise RuntimeError(f"{name}: tiedmoe-train exited with {done.returncode}; see {run_dir}/train.log")
@@ -347,29 +426,37 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+def paired_difference(mine: list[dict], baseline: list[dict]) -> dict | None:
+    """Held-out loss minus untied's, seed by seed (both start from that seed's common
+    initial weights, see ``initial_weights``): the mean, its standard error (the paired
+    differences' standard deviation / sqrt(n)) and in how many seeds the variant is worse."""
+    untied = {r["seed"]: r["val_loss"] for r in baseline}
+    diffs = [r["val_loss"] - untied[r["seed"]] for r in mine if r["seed"] in untied]
+    if not diffs:
+        return None
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return {"diff": statistics.fmean(diffs), "standard_error": se, "seeds_worse": sum(d > 0 for d in diffs),
+            "n": len(diffs), "per_seed": diffs}
+
+
 def summarize(variants: list[Variant], runs: list[dict], params: dict, peaks: dict) -> list[dict]:
     rows = []
-    baseline = [r["val_loss"] for r in runs if r["variant"] == "untied"]
+    baseline = [r for r in runs if r["variant"] == "untied"]
     for variant in variants:
         mine = [r for r in runs if r["variant"] == variant.name]
         if not mine:
             continue
-        val = [r["val_loss"] for r in mine]
         row = {
             "variant": variant.name, "label": variant.label, "positive_control": variant.positive_control,
             **params[variant.name], "peak_memory_bytes": peaks.get(variant.name),
             "seeds": sorted(r["seed"] for r in mine),
             "tokens_per_s": spread([r["tokens_per_s"] for r in mine]),
             "final_train_loss": spread([r["final_train_loss"] for r in mine]),
-            "val_loss": spread(val),
+            "val_loss": spread([r["val_loss"] for r in mine]),
             "val_perplexity": spread([r["val_perplexity"] for r in mine]),
         }
-        if baseline and variant.name != "untied":
-            # Seeds are independent draws (different architectures share no init), so the
-            # difference of means has standard error sqrt(s1^2/n1 + s2^2/n2).
-            diff = statistics.fmean(val) - statistics.fmean(baseline)
-            se = math.sqrt(row["val_loss"]["std"] ** 2 / len(val) + spread(baseline)["std"] ** 2 / len(baseline))
-            row["val_loss_vs_untied"] = {"diff": diff, "standard_error": se}
+        if variant.name != "untied":
+            row["val_loss_vs_untied"] = paired_difference(mine, baseline)
         rows.append(row)
     return rows
 
@@ -379,12 +466,12 @@ def markdown_table(rows: list[dict]) -> str:
         return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
     lines = [
-        "| variant | unique params | active params | peak MiB / step | tokens/s | final train loss | held-out loss | held-out ppl | Δ loss vs untied (± s.e.) | seeds |",
+        "| variant | unique params | active params | peak MiB / step | tokens/s | final train loss | held-out loss | held-out ppl | Δ held-out loss vs untied, paired by seed (± s.e.) | seeds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         diff = r.get("val_loss_vs_untied")
-        delta = f"{diff['diff']:+.4f} ± {diff['standard_error']:.4f}" if diff else "—"
+        delta = f"{diff['diff']:+.4f} ± {diff['standard_error']:.4f} (worse in {diff['seeds_worse']}/{diff['n']})" if diff else "—"
         peak = f"{r['peak_memory_bytes'] / 2**20:.1f}" if r["peak_memory_bytes"] else "—"
         lines.append(
             f"| {r['label']} | {r['unique_params'] / 1e6:.3f}M | {r['active_params'] / 1e6:.3f}M | {peak} "
@@ -394,8 +481,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(variants: list[Variant], runs: list[dict], out: str) -> list[str]:
-    """train_loss.png and val_loss.png: per variant the mean over seeds, min-max shaded."""
+def plot(variants: list[Variant], runs: list[dict], rows: list[dict], out: str) -> list[str]:
+    """train_loss.png and val_loss.png: per variant the mean over seeds, min-max shaded;
+    val_loss_vs_untied.png: each seed's held-out difference from untied, mean ± 2 s.e."""
     try:
         import matplotlib
 
@@ -424,12 +512,31 @@ def plot_curves(variants: list[Variant], runs: list[dict], out: str) -> list[str
         ax.legend(fontsize=8)
         if key == "train_curve":  # the first steps (loss ~ ln vocab) would flatten the rest
             ax.set_ylim(top=min(max(v for r in runs for _, v in r[key][len(r[key]) // 10:]) + 0.2, 10))
-        path = os.path.join(out, filename)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, plt, os.path.join(out, filename)))
+    paired = [r for r in rows if r.get("val_loss_vs_untied")]
+    if paired:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, row in enumerate(paired):
+            diff = row["val_loss_vs_untied"]
+            ax.scatter([i] * diff["n"], diff["per_seed"], s=12, color="grey", alpha=0.7, zorder=2)
+            ax.errorbar(i, diff["diff"], yerr=2 * diff["standard_error"], fmt="o", capsize=5, zorder=3,
+                        color="C3" if row["positive_control"] else "C0")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.axhspan(-0.02, 0.02, color="C2", alpha=0.1, label="±0.02 nats")
+        ax.set_xticks(range(len(paired)), [r["variant"] for r in paired])
+        ax.set_ylabel("held-out loss − untied's, same seed")
+        ax.set_title("paired differences from untied: seeds (grey), mean ± 2 s.e.")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        written.append(save(fig, plt, os.path.join(out, "val_loss_vs_untied.png")))
     return written
+
+
+def save(fig, plt, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def machine() -> str:
@@ -443,13 +550,13 @@ def machine() -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(REPO, "outputs", "reproduce_tying"), help="output folder")
+    p.add_argument("--out", help="output folder (default: outputs/reproduce_tying, _quick or _scale)")
     p.add_argument("--data-train", help="training text: .txt / .jsonl / .parquet globs (default: stdlib docstrings)")
     p.add_argument("--data-valid", help="held-out text, same formats (required with --data-train)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke test: 2 variants, 1 seed, a few steps")
     size.add_argument("--scale", action="store_true", help="the bigger comparison, for a GPU")
-    p.add_argument("--seeds", type=int, help="seeds per variant (default 3; --quick 1)")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 6; --quick 1)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the scale's)")
     p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (default with --quick: it is slow)")
@@ -471,9 +578,11 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"reproduce_tying: unknown variant {unknown[0]!r}: choose from {', '.join(v.name for v in VARIANTS)}")
     variants = [v for v in VARIANTS if v.name in names]
-    out = os.path.abspath(a.out)
+    default_out = "reproduce_tying" + ("_quick" if a.quick else "_scale" if a.scale else "")
+    out = os.path.abspath(a.out or os.path.join(REPO, "outputs", default_out))
     os.makedirs(out, exist_ok=True)
     train, valid = (a.data_train, a.data_valid) if a.data_train else default_corpus(out)
+    claim_out_folder(out, scale, train, valid)
     jobs = a.jobs or (1 if torch.cuda.is_available() else 2)
     threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)
     # Evaluations run in this process, beside the other slot's run: more threads than
@@ -484,6 +593,7 @@ def main(argv=None) -> None:
         f"{jobs} run(s) at a time; output {out}")
 
     params = {v.name: param_counts(scale, v) for v in variants}
+    inits = {seed: initial_weights(scale, variants, seed, out) for seed in range(scale.seeds)}
     # Seed-major order: an interrupted comparison holds whole seeds of every variant.
     tasks = [(v, seed) for seed in range(scale.seeds) for v in variants]
     reused = sum(os.path.isfile(os.path.join(out, "runs", f"{v.name}-s{seed}", "result.json")) for v, seed in tasks)
@@ -491,7 +601,7 @@ def main(argv=None) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         # The memory measurement takes a slot like a run (MemTracker makes its step slow).
         memory = None if a.no_memory else pool.submit(peak_memory, scale, variants, out)
-        futures = [pool.submit(run_one, scale, v, seed, out, train, valid, threads) for v, seed in tasks]
+        futures = [pool.submit(run_one, scale, v, seed, inits[seed][v.name], out, train, valid, threads) for v, seed in tasks]
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             runs.append(future.result())
             log(f"{done}/{len(tasks)} runs done, {time.perf_counter() - started:.0f} s elapsed")
@@ -500,7 +610,7 @@ def main(argv=None) -> None:
 
     rows = summarize(variants, runs, params, peaks)
     table = markdown_table(rows)
-    plots = plot_curves(variants, runs, out)
+    plots = plot(variants, runs, rows, out)
     summary = {
         "machine": machine(), "command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
         "scale": dataclasses.asdict(scale), "train_data": train, "valid_data": valid,

@@ -2,6 +2,8 @@ import copy
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 
 import tiedmoe_titan  # noqa: F401  (CPU support, train specs)
 from tiedmoe_titan.models import FAMILIES
@@ -88,3 +90,15 @@ def assert_tied_equals_untied_with_copied_experts(tied, untied) -> None:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def load_all(checkpoint_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (model, optimizer, expert bias, ...)."""
+    metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
+    state = {
+        key: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in metadata.state_dict_metadata.items()
+        if hasattr(md, "size")
+    }
+    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    return state

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from conftest import load_all
 
 RECIPE = "recipes/debug_cpu.toml"
 SMALL = [
@@ -30,18 +30,6 @@ def train(dump, *overrides, check=True):
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
-
-
-def load_all(checkpoint_dir) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP checkpoint (model, optimizer, expert bias, ...)."""
-    metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
-    state = {
-        key: torch.empty(md.size, dtype=md.properties.dtype)
-        for key, md in metadata.state_dict_metadata.items()
-        if hasattr(md, "size")
-    }
-    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
-    return state
 
 
 def interrupted_train(dump, at_step: int, *overrides):
