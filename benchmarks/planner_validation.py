@@ -58,9 +58,8 @@ STATIC_TOLERANCE, PEAK_TOLERANCE = 0.02, 0.15
 
 def check_config(fields: dict):
     from tiedmoe_titan.shard_check import CheckConfig
-    from tiedmoe_titan.tying import TieConfig
 
-    return CheckConfig(**{**STEP, **fields, "tying": TieConfig(**fields["tying"])})
+    return CheckConfig.from_fields({**STEP, **fields})
 
 
 def measure(nproc: int, cases: dict[str, dict], folder: str) -> dict[str, dict]:

@@ -255,16 +255,12 @@ def initial_weights(scale: Scale, variants: list[Variant], seed: int, out: str) 
     variants of one seed no longer differ by unrelated random draws, so the per-seed
     difference from untied measures tying, not the luck of the draw."""
     from tiedmoe_titan.hf.checkpoints import single_process
-    from tiedmoe_titan.models import FAMILIES
+    from tiedmoe_titan.shard_check import CheckConfig, initial_state
 
     import torch.distributed.checkpoint as dcp
 
     def init(variant: Variant) -> dict[str, torch.Tensor]:
-        model = FAMILIES["olmoe"][0](model_args(scale, variant))
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            model.init_weights()
-        return model.state_dict()
+        return initial_state(CheckConfig.from_fields({**check_shape(scale, variant), "seed": seed}))
 
     folders = {v.name: os.path.join(out, "init", f"s{seed}", v.name) for v in variants}
     missing = [v for v in variants if not os.path.isfile(os.path.join(folders[v.name], ".metadata"))]

@@ -190,7 +190,7 @@ def two_ranks(tmp_path_factory):
 
 
 def check_config(fields: dict) -> CheckConfig:
-    return CheckConfig(**{**COMMON, **fields, "tying": TieConfig(**fields["tying"])})
+    return CheckConfig.from_fields({**COMMON, **fields})
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

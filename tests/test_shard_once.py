@@ -12,7 +12,6 @@ import torch
 
 from tiedmoe_titan import shard_check
 from tiedmoe_titan.shard_check import CheckConfig, reference
-from tiedmoe_titan.tying import TieConfig
 
 UNTIED = {}
 TIED = {"group_size": 2, "untied_first": 2, "untied_last": 2}
@@ -54,7 +53,7 @@ def four_ranks(tmp_path_factory):
 
 
 def check_config(fields: dict) -> CheckConfig:
-    return CheckConfig(**{**fields, "tying": TieConfig(**fields["tying"])})
+    return CheckConfig.from_fields(fields)
 
 
 def assert_matches_single_process(result: dict, fields: dict) -> None:

@@ -69,6 +69,11 @@ class CheckConfig:
     model_overrides: dict = field(default_factory=dict)
     timing: bool = False  # measure memory and step time (see ``distributed``) instead of counting every step
 
+    @classmethod
+    def from_fields(cls, fields: dict) -> "CheckConfig":
+        """The config of ``launch``'s JSON-able fields (``tying`` as a dict; none: untied)."""
+        return cls(**{**fields, "tying": TieConfig(**fields.get("tying", {}))})
+
     @property
     def dp(self) -> int:
         return self.dp_shard * self.dp_replicate
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     results = {}
     for i, (name, fields) in enumerate(json.loads(a.configs).items()):
-        cfg = CheckConfig(**{**fields, "tying": TieConfig(**fields.get("tying", {}))})
+        cfg = CheckConfig.from_fields(fields)
         result = distributed(cfg)
         if a.dcp_dir and i == 0:
             result["dcp"] = dcp_roundtrip(result, cfg, a.dcp_dir)
