@@ -154,7 +154,8 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     assert saved == ["step-2", "step-3"]
     before, after = load_all(tmp_path / "checkpoint" / "step-2"), load_all(tmp_path / "checkpoint" / "step-3")
     for key, value in before.items():
-        if not key.startswith(("optimizer", "lr_scheduler", "train_state", "rng")) and "tokens_per_expert" not in key:
+        if not key.startswith(("optimizer", "lr_scheduler", "train_state", "rng", "schedule")):
+            # Token counts included: the skipped step's counts are dropped, not carried into the next.
             assert torch.equal(value, after[key]), key
             assert not value.is_floating_point() or torch.isfinite(value).all()
 
@@ -241,3 +242,86 @@ def test_resharded_resume_continues_the_loss(tmp_path):
         assert sorted(resumed) == [5, 6, 7, 8]
         for step, loss in resumed.items():
             assert loss == pytest.approx(straight[step], rel=1e-4), (nproc, step, resumed, straight)
+
+
+def test_rerun_of_a_finished_run_says_so_in_one_line_and_exits_0(tmp_path):
+    train(tmp_path, "--training.steps", "4", "--checkpoint.interval", "2")
+    before = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    out = train(tmp_path, "--training.steps", "4", "--checkpoint.interval", "2")
+    assert out.stdout.strip().splitlines() == [
+        f"tiedmoe-train: {tmp_path}/checkpoint/step-4 is at training.steps = 4: the run is finished, nothing to train "
+        "(raise --training.steps to extend it)"
+    ]
+    out = train(tmp_path, "--training.steps", "3", "--checkpoint.interval", "2")
+    assert "step-4 is past training.steps = 3" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == before
+
+
+def test_extended_run_continues_exactly_from_its_final_checkpoint(tmp_path):
+    """The recipes' final save is a full checkpoint: 4 steps then extended to 6 equals 6
+    straight, with the schedule fixed by lr_scheduler.total_steps; without it, the
+    changed schedule is said in one line."""
+    fixed = ["--lr_scheduler.total_steps", "6", "--checkpoint.interval", "1000"]
+    straight = train(tmp_path / "straight", "--training.steps", "6", *fixed)
+    train(tmp_path / "extended", "--training.steps", "4", *fixed)
+    out = train(tmp_path / "extended", "--training.steps", "6", *fixed)
+    log = out.stdout + out.stderr
+    assert "Training starts at step 5" in log and "LR schedule" not in log
+    assert {**logged_losses(log)} == {s: l for s, l in logged_losses(straight.stdout + straight.stderr).items() if s > 4}
+    a, b = load_all(tmp_path / "straight" / "checkpoint" / "step-6"), load_all(tmp_path / "extended" / "checkpoint" / "step-6")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    out = train(tmp_path / "extended", "--training.steps", "8", "--checkpoint.interval", "1000")
+    assert ("training.steps is 8, the checkpoint was trained toward 6: the LR schedule (warmup clamped to the total, "
+            "decay to the last step) now follows 8 steps") in out.stdout + out.stderr
+
+
+def test_extending_past_a_model_only_final_save_sets_it_aside(tmp_path):
+    """With torchtitan's model-only final save, the extension continues from the last
+    full checkpoint and never writes into the model-only folder."""
+    model_only = ["--checkpoint.interval", "2", "--checkpoint.last-save-model-only"]
+    train(tmp_path, "--training.steps", "3", *model_only)
+    folder = tmp_path / "checkpoint"
+    metadata = (folder / "step-3" / ".metadata").read_bytes()
+    out = train(tmp_path, "--training.steps", "4", *model_only)
+    log = out.stdout + out.stderr
+    assert "Checkpoint step-3 is set aside as" in log and "it holds only the model" in log and "continuing from step-2" in log
+    assert "Training starts at step 3" in log
+    aside = [p for p in folder.iterdir() if p.name.startswith("model-only-3-")]
+    assert len(aside) == 1 and (aside[0] / ".metadata").read_bytes() == metadata
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) == ["step-2", "step-4"]
+
+    shutil.rmtree(folder / "step-2")  # only the model-only save left
+    out = train(tmp_path, "--training.steps", "6", *model_only, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"tiedmoe-train: error: {folder}/step-4 holds only the model and there is no full checkpoint")
+
+
+def test_sigusr1_to_the_launcher_reaches_the_trainers_and_torchrun_waits(tmp_path):
+    """torchrun alone dies of SIGUSR1 (exit 138) and leaves its trainers running;
+    through tiedmoe-launch both ranks save and everything exits 0."""
+    proc = subprocess.Popen(
+        ["launch/single_node.sh", RECIPE, "--job.dump_folder", str(tmp_path), *SMALL,
+         "--parallelism.data_parallel_shard_degree", "2", "--training.global_batch_size", "8",
+         "--training.steps", "40", "--checkpoint.interval", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TIEDMOE_TEST_PREEMPTION_SAVE_DELAY_S": "2"},
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"step:\s*2\s", re.sub(r"\x1b\[[0-9;]*m", "", line)):
+            proc.send_signal(signal.SIGUSR1)
+    log = "".join(lines)
+    assert proc.wait(timeout=120) == 0, log[-3000:]
+    saved = int(re.search(r"Saved a checkpoint for resumption at step (\d+)", log).group(1))
+    assert 2 <= saved < 40
+    assert (tmp_path / "checkpoint" / f"step-{saved}" / ".metadata").exists()
+    assert saved_ranks_of(tmp_path / "checkpoint" / f"step-{saved}") == 2
+
+
+def saved_ranks_of(checkpoint_dir) -> int:
+    from tiedmoe_titan.checkpoint import saved_ranks
+
+    return saved_ranks(str(checkpoint_dir), "rng.rank_")

@@ -2,7 +2,10 @@
 
 The job trains the debug recipe on CPU; mid-run the test sends the preemption signal
 to the batch shell (`scancel --signal=USR1 --batch`), as `--signal=B:USR1@...` would.
-The job must save a checkpoint, requeue itself, resume from that checkpoint and finish.
+The job must save a checkpoint, requeue itself, resume from that checkpoint and finish
+with the state of an uninterrupted run. The save is made slower than SLURM's KillWait
+(a test-only delay): a torchrun that died of the signal, or exited before its trainers,
+would end the step and get the save killed.
 
 Needs Debian's slurm-wlm (`.ci/run` installs it). Set TIEDMOE_NO_SLURM=1 to skip where
 SLURM cannot run; the skip prints why.
@@ -16,8 +19,12 @@ import subprocess
 import time
 
 import pytest
+import torch
+from conftest import load_all
 
 RECIPE = "recipes/debug_cpu.toml"
+KILL_WAIT_S = 5  # > the seconds a trainer takes to exit after it requeued the job
+SAVE_DELAY_S = 2 * KILL_WAIT_S
 
 
 def free_port() -> int:
@@ -64,6 +71,9 @@ def slurm(tmp_path_factory):
                 "SlurmdUser=root",
                 "ReturnToService=2",
                 "JobRequeue=1",
+                f"KillWait={KILL_WAIT_S}",
+                "JobCompType=jobcomp/filetxt",
+                f"JobCompLoc={d}/jobcomp.txt",
                 "SchedulerParameters=sched_interval=1,bf_interval=1",
                 f"StateSaveLocation={d}/state",
                 f"SlurmdSpoolDir={d}/spool",
@@ -115,18 +125,26 @@ def wait_for(predicate, timeout: float, what: str):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
+def losses(text: str) -> dict[int, str]:
+    return {int(step): loss for step, loss in re.findall(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)", text)}
+
+
+def test_preempted_job_saves_slower_than_killwait_requeues_and_resumes_exactly(slurm, tmp_path):
     env, d = slurm
     log = tmp_path / "job.out"
-    dump = tmp_path / "run"
+    steps = 16
+    overrides = [
+        "--training.steps", str(steps), "--training.seq_len", "64", "--training.local_batch_size", "4",
+        "--metrics.log_freq", "1", "--validation.no-enable", "--checkpoint.enable", "--checkpoint.interval", "1000",
+    ]
+    straight = subprocess.Popen(
+        ["python3", "-m", "tiedmoe_titan.train", RECIPE, "--job.dump_folder", str(tmp_path / "straight"), *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
     submit = subprocess.run(
-        [
-            "sbatch", "--parsable", f"--output={log}", "--nodes=1", "slurm/train.sbatch", RECIPE,
-            "--job.dump_folder", str(dump), "--training.steps", "40", "--training.seq_len", "64",
-            "--training.local_batch_size", "4", "--metrics.log_freq", "1", "--validation.no-enable",
-            "--checkpoint.enable", "--checkpoint.interval", "1000",
-        ],
-        env=env, capture_output=True, text=True, check=True,
+        ["sbatch", "--parsable", f"--output={log}", "--nodes=1", "slurm/train.sbatch", RECIPE,
+         "--job.dump_folder", str(tmp_path / "run"), *overrides],
+        env={**env, "TIEDMOE_TEST_PREEMPTION_SAVE_DELAY_S": str(SAVE_DELAY_S)}, capture_output=True, text=True, check=True,
     )
     job = submit.stdout.strip().split(";")[0]
 
@@ -137,14 +155,25 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
     wait_for(lambda: job_field(env, job, "Restarts") not in ("", "0"), 180, "the job to requeue")
     wait_for(lambda: job_field(env, job, "JobState") == "COMPLETED", 300, "the requeued job to finish")
+    straight_log = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, straight_log[-3000:]
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
-    saved = re.search(r"Saved a checkpoint for resumption at step (\d+)", text)
+    saved = re.search(r"Saved a checkpoint for resumption at step (\d+) \(([0-9.]+) s\)", text)
     assert saved, text[-3000:]
-    step = int(saved.group(1))
-    assert 3 <= step < 40
-    assert "scontrol requeue" in text and "restart 1" in text
-    assert f"Loading the checkpoint from {dump}/checkpoint/step-{step}" in text
+    step, save_s = int(saved.group(1)), float(saved.group(2))
+    print(f"preemption save took {save_s:.1f} s (KillWait {KILL_WAIT_S} s) at step {step}")
+    assert 3 <= step < steps and save_s > KILL_WAIT_S
+    assert "the trainers saved for resumption: scontrol requeue" in text and "restart 1" in text
+    assert f"Loading the checkpoint from {tmp_path}/run/checkpoint/step-{step}" in text
     assert f"Training starts at step {step + 1}" in text
-    assert re.search(r"step:\s*40\s", text)
+    assert losses(text) == losses(re.sub(r"\x1b\[[0-9;]*m", "", straight_log))
+    a, b = load_all(tmp_path / "straight" / "checkpoint" / f"step-{steps}"), load_all(tmp_path / "run" / "checkpoint" / f"step-{steps}")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # What accounting shows (sacct reads the same states): the preempted run REQUEUED, then COMPLETED 0:0.
     assert job_field(env, job, "ExitCode") == "0:0"
+    runs = re.findall(rf"JobId={job} .*?JobState=(\S+).*?DerivedExitCode=(\S+) ExitCode=(\S+)", (d / "jobcomp.txt").read_text())
+    print(f"jobcomp records of job {job} (state, derived exit code, exit code): {runs}")
+    assert runs[-1] == ("COMPLETED", "0:0", "0:0")

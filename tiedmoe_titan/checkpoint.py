@@ -14,6 +14,12 @@
   resuming run has the same number of ranks (a resharded run has other ranks, so it
   keeps its own). Nothing in the models draws random numbers after initialisation
   today; this keeps resumes exact for anything that will (dropout, noisy routing).
+* Reruns and extensions: ``finished_run`` says a run whose latest checkpoint is at or
+  past ``training.steps`` is done (the trainer exits 0); ``plan_resume`` picks the
+  checkpoint to continue from and the step folders to set aside first, since a run
+  never writes into an existing one (torchtitan's model-only final save, folders newer
+  than an explicit ``load_step``). ``ScheduleState`` records the ``training.steps`` the
+  LR schedule followed, so an extension that changes it says so.
 * Non-finite steps: ``NonFiniteGuard`` skips an optimizer step whose loss or gradients
   are not finite (all ranks together), up to a limit, then stops the run without
   saving, so the last good checkpoint stays the latest.
@@ -21,15 +27,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.tools.logging import logger
+
+from .models.moe import tied_moe_layers
 
 STEP = re.compile(r"^step-(\d+)$")
 
@@ -90,6 +98,34 @@ def complete_steps(folder: str) -> list[int]:
     )
 
 
+def is_model_only(checkpoint_dir: str) -> bool:
+    """Whether a complete checkpoint holds the model alone (torchtitan's final save with
+    ``checkpoint.last_save_model_only``): no training state to continue from."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    return not any(key.startswith("train_state") for key in metadata)
+
+
+def finished_run(folder: str, training_steps: int) -> str | None:
+    """A line saying the run in ``folder`` is already done, or None."""
+    steps = complete_steps(folder)
+    if not steps or steps[-1] < training_steps:
+        return None
+    where = os.path.join(folder, f"step-{steps[-1]}")
+    at = "at" if steps[-1] == training_steps else "past"
+    return (f"{where} is {at} training.steps = {training_steps}: the run is finished, nothing to train "
+            "(raise --training.steps to extend it)")
+
+
+def set_aside(folder: str, name: str, prefix: str) -> str:
+    """Rename ``folder/name`` (``step-N``) to ``folder/prefix-N-<time>``, out of reach of
+    torchtitan's loader and retention, which only know ``step-N``; returns the new path."""
+    target = os.path.join(folder, f"{prefix}-{name.split('-')[1]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(os.path.join(folder, name), target)
+    return target
+
+
 def set_aside_incomplete(folder: str) -> list[str]:
     """Rename step folders without DCP metadata (interrupted saves); returns their new paths.
     Call on one rank."""
@@ -97,15 +133,69 @@ def set_aside_incomplete(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         return moved
     for name in sorted(os.listdir(folder)):
-        m = STEP.match(name)
-        if m and not os.path.isfile(os.path.join(folder, name, ".metadata")):
-            target = os.path.join(folder, f"incomplete-{m.group(1)}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(os.path.join(folder, name), target)
-            moved.append(target)
+        if STEP.match(name) and not os.path.isfile(os.path.join(folder, name, ".metadata")):
+            moved.append(set_aside(folder, name, "incomplete"))
             latest = complete_steps(folder)
             resume = f"step-{latest[-1]}" if latest else "no complete checkpoint (fresh start)"
-            logger.warning(f"Checkpoint {name} is incomplete (a save was interrupted): moved to {target}; resuming from {resume}")
+            logger.warning(f"Checkpoint {name} is incomplete (a save was interrupted): moved to {moved[-1]}; resuming from {resume}")
     return moved
+
+
+@dataclass
+class ResumePlan:
+    """Which complete checkpoint a run continues from, and which step folders must be set
+    aside first (name, prefix, why): a run never writes into an existing step folder, since
+    a kill during that save would leave the old ``.metadata`` over new shards, a
+    checkpoint that looks complete but is not."""
+
+    step: int
+    set_aside: list[tuple[str, str, str]]
+
+
+def plan_resume(folder: str, load_step: int) -> ResumePlan:
+    """Read-only, so that every rank computes the same plan; raises CheckpointMismatch
+    when the only checkpoints left hold the model alone."""
+    steps = complete_steps(folder)
+    if load_step > 0:
+        later = [s for s in steps if s > load_step]
+        why = f"newer than step-{load_step} (checkpoint.load_step), which this run continues from and will save again"
+        return ResumePlan(load_step, [(f"step-{s}", "superseded", why) for s in later])
+    moves = []
+    while steps and is_model_only(os.path.join(folder, f"step-{steps[-1]}")):
+        moves.append((f"step-{steps[-1]}", "model-only", "it holds only the model (checkpoint.last_save_model_only)"))
+        steps.pop()
+    if moves and not steps:
+        raise CheckpointMismatch(
+            f"{os.path.join(folder, moves[0][0])} holds only the model and there is no full checkpoint to continue from: "
+            "start a new run from its weights (--checkpoint.initial_load_path PATH --checkpoint.initial_load_model_only "
+            "with another --job.dump_folder)"
+        )
+    return ResumePlan(steps[-1] if steps else 0, moves)
+
+
+class ScheduleState(Stateful):
+    """The ``training.steps`` the LR schedule followed when a checkpoint was saved. A run
+    that continues with another value (a finished run extended) has a different
+    schedule from there on, since warmup is clamped to the total and the decay follows
+    it, unless ``lr_scheduler.total_steps`` fixes it; that is said in one line."""
+
+    KEY = "schedule"
+
+    def __init__(self, training_steps: int, fixed_total: int | None):
+        self.training_steps = training_steps
+        self.fixed_total = fixed_total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"training_steps": torch.tensor(self.training_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        saved = int(state_dict["training_steps"])
+        if saved != self.training_steps and self.fixed_total is None:
+            logger.warning(
+                f"training.steps is {self.training_steps}, the checkpoint was trained toward {saved}: the LR schedule "
+                f"(warmup clamped to the total, decay to the last step) now follows {self.training_steps} steps, so the LR "
+                f"from here on differs from the original run's (--lr_scheduler.total_steps {saved} keeps that schedule)"
+            )
 
 
 def _describe(key: str) -> str:
@@ -150,10 +240,20 @@ def check_compatible(checkpoint_dir: str, model_state: dict[str, torch.Tensor]) 
 
 
 class NonFiniteGuard:
-    """Wraps ``optimizers.step``: a step is taken only if the losses seen since the
-    last step and all gradients are finite on every rank; otherwise gradients are
-    dropped and the step skipped (the LR schedule still advances). After
-    ``max_skipped`` skipped steps the next one raises ``NonFiniteTraining``."""
+    """Wraps ``optimizers.step``: a step is taken only if the losses seen since the last
+    step and all gradients are finite on every rank; otherwise gradients and the step's
+    expert token counts are dropped and the step skipped (the LR schedule still
+    advances). After ``max_skipped`` skipped steps the next one raises
+    ``NonFiniteTraining``.
+
+    It adds no collective and no gradient pass: the decision is the global gradient
+    norm that torchtitan's ``clip_grad_norm_`` computes anyway (all ranks, all
+    gradients), which is non-finite exactly when some gradient is. A rank whose loss is
+    not finite first puts a NaN into one of its own gradients, so the norm carries
+    that too. The one cost is reading the norm on the host before the optimizer step.
+    ``watching_clip()`` is how the norm is taken: torchtitan 0.2.2's ``train_step``
+    calls ``torchtitan.distributed.utils.clip_grad_norm_`` right before
+    ``optimizers.step()`` and keeps the result to itself."""
 
     def __init__(self, optimizers, model_parts, max_skipped: int):
         self.optimizers = optimizers
@@ -161,6 +261,7 @@ class NonFiniteGuard:
         self.max_skipped = max_skipped
         self.skipped = 0
         self._loss_ok: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
         self._step = optimizers.step
         optimizers.step = self.step
 
@@ -168,22 +269,37 @@ class NonFiniteGuard:
         ok = torch.isfinite(loss.detach()).all()
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
 
-    def _finite_everywhere(self) -> bool:
-        grads = [p.grad for m in self.model_parts for p in m.parameters() if p.grad is not None]
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        bad = torch.zeros((), device=local[0].device if local else "cpu")
-        if local:
-            norms = torch._foreach_norm(local)
-            bad = (~torch.isfinite(torch.stack(norms))).any().float()
-        if self._loss_ok is not None:
-            bad = torch.maximum(bad, (~self._loss_ok).float().to(bad.device))
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    @contextlib.contextmanager
+    def watching_clip(self):
+        import torchtitan.distributed.utils as dist_utils
+
+        clip = dist_utils.clip_grad_norm_
+
+        def clip_and_keep_norm(parameters, *args, **kwargs):
+            parameters = list(parameters)
+            self._poison_if_loss_not_finite(parameters)
+            self._grad_norm = clip(parameters, *args, **kwargs)
+            return self._grad_norm
+
+        dist_utils.clip_grad_norm_ = clip_and_keep_norm
+        try:
+            yield
+        finally:
+            dist_utils.clip_grad_norm_ = clip
+
+    def _poison_if_loss_not_finite(self, parameters) -> None:
+        if self._loss_ok is None:
+            return
+        for p in parameters:
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            if grad is not None and grad.numel() > 0:
+                grad.view(-1)[:1].add_(torch.where(self._loss_ok, 0.0, float("nan")))
+                break
         self._loss_ok = None
-        return bad.item() == 0
 
     def step(self, *args, **kwargs) -> None:
-        if self._finite_everywhere():
+        norm, self._grad_norm = self._grad_norm, None
+        if norm is None or torch.isfinite(norm).item():
             self._step(*args, **kwargs)
             return
         self.skipped += 1
@@ -194,3 +310,7 @@ class NonFiniteGuard:
             )
         logger.warning(f"Non-finite loss or gradient: step skipped ({self.skipped} of at most {self.max_skipped})")
         self.optimizers.zero_grad()
+        # The expert-bias update (an optimizer pre-hook) did not run: its counts start afresh.
+        for model in self.model_parts:
+            for layer in tied_moe_layers(model):
+                layer.tokens_per_expert.zero_()

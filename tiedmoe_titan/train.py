@@ -1,10 +1,16 @@
 """``tiedmoe-train RECIPE.toml [--section.key value ...]``: train with torchtitan's Trainer.
 
-The trainer is torchtitan's, with two additions: the routers' auxiliary losses join
-the training loss (torchtitan 0.2.2's loss function only sees logits and labels), and
-preemption signals (SIGTERM, SIGUSR1) stop the run at the next step boundary on all
-ranks together with a full checkpoint; under SLURM rank 0 then requeues the job, and
-the requeued job resumes from that checkpoint (torchtitan loads the latest one).
+The trainer is torchtitan's, with these additions:
+
+* the routers' auxiliary losses join the training loss (torchtitan 0.2.2's loss
+  function only sees logits and labels);
+* preemption signals (SIGTERM, SIGUSR1) stop the run at the same step boundary on all
+  ranks with a full checkpoint (``tiedmoe_titan.preemption``); under SLURM rank 0 then
+  requeues the job once the save is complete, and the requeued job resumes from it;
+* a run whose checkpoint folder already holds its last step says so and exits 0 (a
+  rerun, or a requeue that lands after the end); a run with more ``training.steps``
+  continues from the last full checkpoint (``checkpoint.plan_resume``);
+* a step with a non-finite loss or gradient is skipped (``checkpoint.NonFiniteGuard``).
 
 How the routing loss scales. torchtitan divides each microbatch's summed
 cross-entropy by the number of valid tokens in the whole global batch (all
@@ -22,10 +28,10 @@ across recipes; routing losses are logged under ``moe/``.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import torch
@@ -40,20 +46,24 @@ from .checkpoint import (
     NonFiniteGuard,
     NonFiniteTraining,
     RngState,
+    ScheduleState,
     check_compatible,
-    complete_steps,
+    finished_run,
+    plan_resume,
     saved_ranks,
+    set_aside,
     set_aside_incomplete,
 )
 from .config import RecipeError, check_run, parse_recipe, write_resolved_recipe
 from .models.moe import model_routing_loss
+from .preemption import StopAgreement, StopRequest
 
 USAGE = "usage: tiedmoe-train RECIPE.toml [--section.key value ...]"
 
-
-# SLURM sends SIGUSR1 ahead of a preemption or time limit (slurm/train.sbatch), a
-# scheduler or a user SIGTERM.
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Installed first thing in main(), so that a signal during start-up is not lost.
+STOP_REQUEST = StopRequest()
+# Test hook: seconds to wait before the preemption save (a save slower than SLURM's KillWait).
+SAVE_DELAY_ENV = "TIEDMOE_TEST_PREEMPTION_SAVE_DELAY_S"
 
 
 class TiedMoETrainer(Trainer):
@@ -61,27 +71,39 @@ class TiedMoETrainer(Trainer):
         super().__init__(job_config)
         self.cross_entropy_fn = self.loss_fn
         self.loss_fn = self.loss_with_routing
-        self.stop_signal: int | None = None
-        for sig in PREEMPTION_SIGNALS:
-            signal.signal(sig, self._request_stop)
+        STOP_REQUEST.install()
+        self.stop_agreement = StopAgreement(STOP_REQUEST, self.device)
         self.nonfinite_guard = NonFiniteGuard(self.optimizers, self.model_parts, job_config.nan_guard.max_skipped_steps)
+        self.resume_step = 0
+        self.stopped_for_resume = False
         if job_config.checkpoint.enable:
             self.checkpointer.states[RngState.KEY] = RngState(torch.distributed.get_rank())
+            self.checkpointer.states[ScheduleState.KEY] = ScheduleState(
+                job_config.training.steps, job_config.lr_scheduler.total_steps
+            )
             self._check_checkpoints()
 
     def _check_checkpoints(self) -> None:
-        """Set interrupted saves aside and make sure the checkpoint to resume from fits
-        the recipe's model, before torchtitan's loader touches it."""
+        """Set interrupted saves and step folders this run would write into aside, and make
+        sure the checkpoint to resume from fits the recipe's model, before torchtitan's
+        loader touches it."""
         folder = self.checkpointer.folder
-        if torch.distributed.get_rank() == 0:
+        rank0 = torch.distributed.get_rank() == 0
+        if rank0:
             set_aside_incomplete(folder)
         torch.distributed.barrier()
-        steps = complete_steps(folder)
-        load_step = self.job_config.checkpoint.load_step
-        step = steps[-1] if load_step == -1 and steps else load_step
+        plan = plan_resume(folder, self.job_config.checkpoint.load_step)
+        if rank0:
+            for name, prefix, why in plan.set_aside:
+                target = set_aside(folder, name, prefix)
+                logger.warning(f"Checkpoint {name} is set aside as {target}: {why}; continuing from step-{plan.step}")
+        torch.distributed.barrier()
+        step = self.resume_step = plan.step
         if step > 0 and os.path.isdir(os.path.join(folder, f"step-{step}")):
             checkpoint_dir = os.path.join(folder, f"step-{step}")
             check_compatible(checkpoint_dir, self.checkpointer.states["model"].state_dict())
+            if not saved_ranks(checkpoint_dir, f"{ScheduleState.KEY}."):
+                self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, ScheduleState.KEY]
             data_ranks = saved_ranks(checkpoint_dir, "dataloader.dp_rank_")
             if data_ranks and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
                 try:
@@ -98,41 +120,34 @@ class TiedMoETrainer(Trainer):
         self.nonfinite_guard.observe_loss(loss)
         return loss
 
-    def _request_stop(self, signum, frame) -> None:
-        # Only a flag: the step (or a checkpoint save) under way runs to completion, and
-        # a second signal changes nothing.
-        if self.stop_signal is None:
-            self.stop_signal = signum
-            logger.warning(f"{signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint")
-
-    def _all_ranks_stop(self) -> bool:
-        """Whether any rank was signalled; every rank learns it at the same step."""
-        flag = torch.tensor([0 if self.stop_signal is None else 1], device=self.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    def train_step(self, data_iterator) -> None:
+        with self.nonfinite_guard.watching_clip():
+            super().train_step(data_iterator)
 
     def should_continue_training(self) -> bool:
-        if self.step < self.job_config.training.steps and self._all_ranks_stop():
+        if self.step < self.job_config.training.steps and self.stop_agreement.any_rank_stopped():
             self._save_for_resume()
             return False
         return super().should_continue_training()
 
     def _save_for_resume(self) -> None:
-        """Save the full state (torchtitan's last-step save keeps only the model by
-        default), then ask SLURM to requeue the job, which resumes from it."""
+        """Save the full state (whatever ``last_save_model_only`` says). Saving is
+        synchronous and every rank has finished it after the barrier; ``main`` then
+        requeues the job (``requeue_slurm_job``)."""
         if not self.job_config.checkpoint.enable:
             logger.warning("checkpoint.enable = false: stopping without a checkpoint, the run cannot resume")
+        elif self.step == self.resume_step:
+            logger.info(f"Stopped before training a step: step-{self.step} is already saved" if self.step else
+                        "Stopped before training a step: nothing to save")
         else:
+            begin = time.monotonic()
+            time.sleep(float(os.environ.get(SAVE_DELAY_ENV, "0")))
             self.checkpointer.last_save_model_only = False
             self.checkpointer.save(self.step, last_step=True)
-            logger.info(f"Saved a checkpoint for resumption at step {self.step}")
+            logger.info(f"Saved a checkpoint for resumption at step {self.step} ({time.monotonic() - begin:.1f} s)")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0 and os.environ.get("SLURM_JOB_ID") and os.environ.get("TIEDMOE_REQUEUE", "1") == "1":
-            job = os.environ["SLURM_JOB_ID"]
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            logger.info(f"scontrol requeue {job}: {'done' if done.returncode == 0 else done.stderr.strip()}")
+        self.stopped_for_resume = True
 
     def loss_with_routing(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss_sum = self.cross_entropy_fn(pred, labels)
@@ -144,6 +159,25 @@ class TiedMoETrainer(Trainer):
         # The trainer divides by the global valid-token count: weight by this microbatch's share.
         weighted = routing_loss * (labels != IGNORE_INDEX).sum()
         return loss_sum + (weighted - weighted.detach())
+
+
+def requeue_slurm_job() -> None:
+    """Have SLURM requeue this job, which then resumes from the checkpoint just saved.
+    Called by rank 0 as its last act, after every rank has saved. A requeue cancels
+    the running job (SIGTERM, then SIGKILL after SLURM's KillWait), so under
+    ``slurm/train.sbatch`` the trainer only leaves a marker file and the batch script
+    requeues once every process of the step has exited; elsewhere it requeues here."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("TIEDMOE_REQUEUE", "1") != "1":
+        return
+    marker = os.environ.get("TIEDMOE_REQUEUE_MARKER")
+    if marker:
+        with open(marker, "w") as f:
+            f.write(f"{job}\n")
+        print(f"tiedmoe-train: saved for resumption: {marker} asks the batch script to requeue job {job}", flush=True)
+        return
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    print(f"tiedmoe-train: scontrol requeue {job}: {'done' if done.returncode == 0 else done.stderr.strip()}", flush=True)
 
 
 def _free_port() -> int:
@@ -162,6 +196,7 @@ def _single_process_env() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    STOP_REQUEST.install()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit(USAGE)
@@ -175,14 +210,25 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"tiedmoe-train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    checkpoint = job_config.checkpoint
+    finished = checkpoint.enable and checkpoint.load_step == -1 and finished_run(
+        os.path.join(job_config.job.dump_folder, checkpoint.folder), job_config.training.steps
+    )
+    if finished:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"tiedmoe-train: {finished}", flush=True)
+        return
     init_logger()
     if os.environ.get("RANK", "0") == "0":
         path = write_resolved_recipe(job_config, job_config.job.dump_folder)
         logger.info(f"Seed {job_config.debug.seed}; resolved recipe saved to {path}")
     trainer = None
+    requeue = False
     try:
         trainer = TiedMoETrainer(job_config)
         trainer.train()
+        trainer.stop_agreement.close()
+        requeue = trainer.stopped_for_resume and os.environ.get("RANK", "0") == "0"
     except (CheckpointMismatch, NonFiniteTraining) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"tiedmoe-train: error: {e}", file=sys.stderr)
@@ -193,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     logger.info("Training finished")
+    if requeue:
+        requeue_slurm_job()
 
 
 if __name__ == "__main__":
