@@ -68,10 +68,11 @@ def test_newton_schulz_is_torchs_in_bfloat16(shape):
     g = torch.randn(*shape)
     expected = _zeropower_via_newtonschulz(g, (DEFAULT_A, DEFAULT_B, DEFAULT_C), 5, EPS)
     assert torch.equal(newton_schulz(g, 5, torch.bfloat16), expected)
-    # A batch is each matrix on its own.
+    # A batch is each matrix on its own, up to rounding: a batched matmul and a single one
+    # may take different BLAS kernels (1.1e-6 apart on one CPU after 5 iterations).
     batch = torch.randn(3, *shape)
     for matrix, result in zip(batch, newton_schulz(batch, 5, torch.float32)):
-        torch.testing.assert_close(result, newton_schulz(matrix, 5, torch.float32), rtol=0, atol=1e-6)
+        torch.testing.assert_close(result, newton_schulz(matrix, 5, torch.float32), rtol=1e-5, atol=1e-5)
 
 
 def test_matrix_and_bank_steps_are_torch_muon():
