@@ -35,7 +35,7 @@ only top-k experts, so the layers stop routing and share one set of expert weigh
 and the same with experts ``THIN_EXPERT_FFN`` wide (next to no expert capacity).
 
 The default corpus is real English prose available offline: the docstrings of this
-Python's standard library (``tiedmoe_titan.data.build_stdlib_corpus``, one document
+Python's standard library (``tiedmoe_titan.assets.stdlib_corpus``, one document
 per module, split into train / valid by module path), collected under ``--out``.
 
 Outputs under ``--out``: ``results.json``, ``results.md`` (the table), ``train_loss.png``,
@@ -205,7 +205,7 @@ def check_shape(scale: Scale, variant: Variant) -> dict:
 
 def default_corpus(out: str) -> tuple[str, str]:
     """The stdlib-docstring corpus, collected under ``out`` once."""
-    from tiedmoe_titan.data import build_stdlib_corpus
+    from tiedmoe_titan.assets.stdlib_corpus import build_stdlib_corpus
 
     folder = os.path.join(out, "corpus")
     train, valid = os.path.join(folder, "train.jsonl"), os.path.join(folder, "valid.jsonl")

@@ -22,14 +22,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-
 import sentencepiece as spm
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 
-ASSETS_DIR = str(Path(__file__).resolve().parent / "assets")
-DEFAULT_TOKENIZER_PATH = os.path.join(ASSETS_DIR, "tokenizer", "debug_sp2048.model")
+from .assets import ASSETS_DIR, DEFAULT_TOKENIZER_PATH  # noqa: F401  (public names)
+from .data.readers import iter_documents
+from .data.sources import resolve_dataset_files
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
@@ -110,8 +109,6 @@ def build_sentencepiece_tokenizer(job_config: JobConfig) -> SentencePieceTokeniz
 
 def _collect_lines(inputs: Sequence[str], log: Callable[[str], None]) -> list[str]:
     """Non-blank lines of all documents; sentencepiece trains on lines."""
-    from .data import iter_documents, resolve_dataset_files
-
     files = resolve_dataset_files(",".join(inputs), "--input")
     log(f"[1/3] reading {len(files)} files")
     lines: list[str] = []

@@ -1,0 +1,7 @@
+"""``python -m tiedmoe_titan.data`` is ``tiedmoe-data``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
