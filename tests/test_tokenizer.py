@@ -122,3 +122,51 @@ def test_cli_rejects_bad_output_and_missing_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert bad_out == 2 and missing == 2
     assert "tokenizer.model" in err and "matched no files" in err
+
+
+# ------------------------------------------------------------------ Hugging Face folders
+
+from tiny_bpe import EOS, make_hf_tokenizer  # noqa: E402
+
+from tiedmoe_titan.tokenizer import HFTokenizer, load_tokenizer, tokenizer_identity  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_hf_tokenizer(tmp_path_factory.mktemp("hf_tok"))
+
+
+def test_hf_folder_loads_with_its_eos_and_no_bos(hf_dir):
+    tok = build_sentencepiece_tokenizer(_job_config(hf_dir))
+    assert isinstance(tok, HFTokenizer)
+    assert tok.eos_id == tok.tokenizer.token_to_id(EOS) and tok.bos_id is None
+    body = tok.encode("alpha beta", add_bos=False, add_eos=False)
+    assert tok.encode("alpha beta") == body + [tok.eos_id]  # no bos, as OLMoE / Qwen3
+    assert tok.decode(tok.encode("alpha beta \u2603")) == "alpha beta \u2603"
+    assert pickle.loads(pickle.dumps(tok)).encode("gamma") == tok.encode("gamma")
+
+
+def test_hf_bos_policy_matches_sentencepiece(tmp_path, tok):
+    with_bos = load_tokenizer(make_hf_tokenizer(tmp_path / "b", bos="<s>"))
+    body = with_bos.encode("alpha", add_bos=False, add_eos=False)
+    assert with_bos.encode("alpha") == [with_bos.bos_id] + body + [with_bos.eos_id]
+    assert tok.encode("alpha")[0] == BOS_ID  # the bundled model keeps its bos
+    same = load_tokenizer(make_hf_tokenizer(tmp_path / "s", bos=EOS))  # bos == eos: no bos
+    assert same.bos_id is None and same.encode("alpha")[-1] == same.eos_id
+
+
+def test_tokenizer_without_eos_is_refused_in_one_line(tmp_path):
+    folder = make_hf_tokenizer(tmp_path / "noeos", eos=None)
+    with pytest.raises(ValueError) as err:
+        load_tokenizer(folder)
+    msg = str(err.value)
+    assert "model.hf_assets_path" in msg and "eos_token" in msg and "\n" not in msg
+
+
+def test_identity_tells_tokenizers_apart(tmp_path, hf_dir, tok):
+    a = tokenizer_identity(load_tokenizer(hf_dir))
+    other = tokenizer_identity(load_tokenizer(make_hf_tokenizer(tmp_path / "o", extra_specials=("<x>",))))
+    assert a["kind"] == "huggingface" and a["vocab_size"] == 320 and a["eos_id"] is not None
+    assert a["sha256"] != other["sha256"]
+    assert tokenizer_identity(tok)["kind"] == "sentencepiece"
+    assert tokenizer_identity(tok) == tokenizer_identity(load_tokenizer(DEFAULT_TOKENIZER_PATH))

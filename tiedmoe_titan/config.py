@@ -278,7 +278,7 @@ def check_run(job_config, world_size: int) -> None:
     """Everything that must hold before ``tiedmoe-train`` builds anything."""
     from .data import resolve_dataset_files
     from .parallelize import UnsupportedParallelism, check_parallelism
-    from .tokenizer import SentencePieceTokenizer, resolve_tokenizer_file
+    from .tokenizer import load_tokenizer
 
     spec, args = model_args_of(job_config)
     dims = parallel_dims_of(job_config, world_size)
@@ -297,10 +297,9 @@ def check_run(job_config, world_size: int) -> None:
         resolve_dataset_files(training.dataset_path, "training.dataset_path")
         if job_config.validation.enable:
             resolve_dataset_files(job_config.validation.dataset_path, "validation.dataset_path")
-        tokenizer_file = resolve_tokenizer_file(job_config.model.hf_assets_path)
+        vocab = load_tokenizer(job_config.model.hf_assets_path).get_vocab_size()
     except (ValueError, FileNotFoundError) as e:
         raise RecipeError(str(e)) from None
-    vocab = SentencePieceTokenizer(tokenizer_file).get_vocab_size()
     if vocab > args.vocab_size:
         raise RecipeError(
             f"model.hf_assets_path: the tokenizer has {vocab} tokens, more than the {args.vocab_size} of "

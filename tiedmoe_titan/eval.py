@@ -28,7 +28,7 @@ from .data import LocalTextDataset, resolve_dataset_files
 from .hf.checkpoints import ProjectModel, find_recipe, find_step, read_model_state, single_process
 from .hf.errors import HFInteropError
 from .spec import SPEC_PREFIX
-from .tokenizer import SentencePieceTokenizer, resolve_tokenizer_file
+from .tokenizer import load_tokenizer
 
 PROG = "tiedmoe-eval"
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often
@@ -83,7 +83,7 @@ def evaluate(
     seq_len = seq_len or job_config.training.seq_len
     if seq_len > model.model_args.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.model_args.max_seq_len} (its RoPE cache)")
-    tokenizer = SentencePieceTokenizer(resolve_tokenizer_file(tokenizer_path or job_config.model.hf_assets_path))
+    tokenizer = load_tokenizer(tokenizer_path or job_config.model.hf_assets_path, "--tokenizer" if tokenizer_path else "model.hf_assets_path")
     progress(f"model of {recipe} from {step_dir}; tokenizer {tokenizer.model_path}; seq_len {seq_len}")
     dataset = LocalTextDataset(data, tokenizer, seq_len=seq_len, config_key="--data")
     windows = sum(dataset.samples_in(source) for source in dataset.sources)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a step-N folder written by tiedmoe-train, or its checkpoint folder (latest step)")
     parser.add_argument("--data", required=True, help="held-out text: .txt / .jsonl / .parquet globs, comma-separated")
     parser.add_argument("--recipe", help="the run's recipe (default: recipe.resolved.toml above CHECKPOINT)")
-    parser.add_argument("--tokenizer", help="SentencePiece .model (default: the recipe's model.hf_assets_path)")
+    parser.add_argument("--tokenizer", help="SentencePiece .model or Hugging Face tokenizer folder (default: the recipe's model.hf_assets_path)")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the recipe's training.seq_len)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")

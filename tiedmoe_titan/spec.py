@@ -17,7 +17,7 @@ SPEC_PREFIX = "tiedmoe_"
 def train_spec(family: str) -> TrainSpec:
     from .data import build_local_text_dataloader, build_local_validator
     from .metrics import build_tied_metrics_processor
-    from .tokenizer import build_sentencepiece_tokenizer
+    from .tokenizer import build_tokenizer
 
     model_cls, flavors = FAMILIES[family]
     return TrainSpec(
@@ -28,7 +28,7 @@ def train_spec(family: str) -> TrainSpec:
         build_optimizers_fn=build_tied_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_local_text_dataloader,
-        build_tokenizer_fn=build_sentencepiece_tokenizer,
+        build_tokenizer_fn=build_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
         build_validator_fn=build_local_validator,
         build_metrics_processor_fn=build_tied_metrics_processor,
