@@ -166,7 +166,7 @@ def test_interrupted_and_resumed_fsdp_run_is_bit_identical(tmp_path, ep):
     signal reaches one process group, both ranks stop at the same step, and the
     resumed sharded state equals the uninterrupted one bit for bit."""
     layout = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", ep,
-              "--training.global_batch_size", "8", "--training.steps", "5", "--checkpoint.interval", "5"]
+              "--training.global_batch_size", "8", "--training.steps", "8", "--checkpoint.interval", "8"]
 
     def launch(dump, stop_at=None):
         proc = subprocess.Popen(
@@ -185,10 +185,10 @@ def test_interrupted_and_resumed_fsdp_run_is_bit_identical(tmp_path, ep):
     assert "Training finished" in straight, straight[-3000:]
     first = launch(tmp_path / "resumed", stop_at=2)
     saved = int(re.search(r"Saved a checkpoint for resumption at step (\d+)", first).group(1))
-    assert 2 <= saved < 5
+    assert 2 <= saved < 8  # ranks agree a step after the signal: margin for a fast machine
     second = launch(tmp_path / "resumed")
     assert f"Training starts at step {saved + 1}" in second and "Training finished" in second
-    a, b = load_all(tmp_path / "straight" / "checkpoint" / "step-5"), load_all(tmp_path / "resumed" / "checkpoint" / "step-5")
+    a, b = load_all(tmp_path / "straight" / "checkpoint" / "step-8"), load_all(tmp_path / "resumed" / "checkpoint" / "step-8")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
