@@ -82,6 +82,11 @@ class SentencePieceTokenizer(BaseTokenizer):
         """Token ids of ``text``, optionally wrapped in bos/eos (:func:`wrap_document`)."""
         return wrap_document(self._sp.encode(text), self.bos_id, self.eos_id, add_bos, add_eos)
 
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Whole documents (bos/eos by :func:`wrap_document`), on this thread only:
+        offline tokenization runs one process per core."""
+        return [wrap_document(ids, self.bos_id, self.eos_id, True, True) for ids in self._sp.encode(texts, num_threads=1)]
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids``; bos/eos/pad are dropped (they are control pieces)."""
         if hasattr(token_ids, "tolist"):  # torch.Tensor / numpy array
@@ -129,6 +134,12 @@ class HFTokenizer(HuggingFaceTokenizer):
         """Token ids of ``text``, optionally wrapped in bos/eos (:func:`wrap_document`)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return wrap_document(ids, self.bos_id, self.eos_id, add_bos, add_eos)
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Whole documents (bos/eos by :func:`wrap_document`); one thread when the
+        caller set ``RAYON_NUM_THREADS=1`` before the first batch (``tiedmoe-data tokenize`` does)."""
+        return [wrap_document(e.ids, self.bos_id, self.eos_id, True, True)
+                for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids``, special tokens dropped (as SentencePiece does)."""

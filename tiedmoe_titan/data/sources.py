@@ -44,7 +44,9 @@ class DataSource:
     tokens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
 
 
-def parse_dataset_sources(dataset_path: str | None, config_key: str) -> list[DataSource]:
+def parse_dataset_sources(
+    dataset_path: str | None, config_key: str, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES
+) -> list[DataSource]:
     """Split a ``dataset_path`` into sources with weights and files (syntax: module docstring).
 
     Plain globs give one source called ``data`` of weight 1.  Every error is a
@@ -80,7 +82,7 @@ def parse_dataset_sources(dataset_path: str | None, config_key: str) -> list[Dat
         raise ValueError(f"{config_key}='{dataset_path}' contains no globs")
     total = sum(weight for _, weight, _ in groups)
     return [
-        DataSource(name or "data", weight / total, _expand_globs(globs, config_key))
+        DataSource(name or "data", weight / total, _expand_globs(globs, config_key, suffixes))
         for name, weight, globs in groups
     ]
 
@@ -108,7 +110,7 @@ def _parse_weight(name: str, weight: str, config_key: str) -> Fraction:
     return value
 
 
-def _expand_globs(patterns: list[str], config_key: str) -> list[str]:
+def _expand_globs(patterns: list[str], config_key: str, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[str]:
     """Files of a source's globs: globs in the given order, matches of one glob
     sorted (so the order does not depend on the file system), each file once."""
     files: dict[str, None] = {}  # an ordered set
@@ -120,21 +122,23 @@ def _expand_globs(patterns: list[str], config_key: str) -> list[str]:
             hint = " (a weighted source is written NAME=WEIGHT:GLOB)" if "=" in pattern else ""
             raise FileNotFoundError(f"{config_key}: glob '{pattern}' matched no files{hint}")
         for path in matches:
-            if not path.endswith(SUPPORTED_SUFFIXES):
+            if not path.endswith(suffixes):
                 raise ValueError(
-                    f"{config_key}: '{path}' (from glob '{pattern}') is not a {_SUFFIXES_TEXT} file"
+                    f"{config_key}: '{path}' (from glob '{pattern}') is not a {_SUFFIXES_TEXT if suffixes == SUPPORTED_SUFFIXES else ', '.join(suffixes)} file"
                 )
             files[path] = None
     return list(files)
 
 
-def resolve_dataset_files(dataset_path: str | None, config_key: str) -> list[str]:
+def resolve_dataset_files(
+    dataset_path: str | None, config_key: str, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES
+) -> list[str]:
     """All files of all sources of a ``dataset_path`` in order, each once.
 
     Checks the whole setting (weights included), so it is also the up-front
     validation of a run's config.
     """
-    sources = parse_dataset_sources(dataset_path, config_key)
+    sources = parse_dataset_sources(dataset_path, config_key, suffixes)
     return list(dict.fromkeys(path for source in sources for path in source.files))
 
 
