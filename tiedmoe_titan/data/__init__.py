@@ -6,8 +6,13 @@ One file per job:
 * ``readers.py``  - the documents of one ``.txt`` / ``.jsonl`` / ``.parquet`` file;
 * ``dataset.py``  - the packed, rank-sharded, resumable mixture and its schedule;
 * ``loaders.py``  - torchtitan's loader and validator over it (TrainSpec entry points);
-* ``cli.py``      - ``tiedmoe-data`` (not imported here: it reaches the tokenizers,
-  which read files through this package).
+* ``shard_format.py`` - the token-shard folder (arrays + metadata.json), written safely;
+* ``tokenize.py`` - text -> token shards with worker processes, resumable, splittable;
+* ``sidecar.py``  - metadata.json for OLMo-core / Dolma token files made elsewhere;
+* ``cli.py``      - ``tiedmoe-data``.
+
+The last three use the tokenizers, which read files through this package, so they
+are not imported here (``docs/data.md``).
 
 The names below are the package's public surface; import them from here.
 """
