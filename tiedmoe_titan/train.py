@@ -33,9 +33,11 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import timedelta
 
 import torch
 from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
@@ -123,6 +125,13 @@ class TiedMoETrainer(Trainer):
     def train_step(self, data_iterator) -> None:
         with self.nonfinite_guard.watching_clip():
             super().train_step(data_iterator)
+        # torchtitan lowers the collective timeout to comm.train_timeout_seconds after
+        # step 1 only; a resumed run would keep the start-up timeout, and a dead peer
+        # would hang it that long.
+        if self.step > 1 and self.step == self.resume_step + 1:
+            dist_utils.set_pg_timeouts(
+                timeout=timedelta(seconds=self.job_config.comm.train_timeout_seconds), parallel_dims=self.parallel_dims
+            )
 
     def should_continue_training(self) -> bool:
         if self.step < self.job_config.training.steps and self.stop_agreement.any_rank_stopped():
