@@ -102,3 +102,13 @@ def load_all(checkpoint_dir) -> dict[str, torch.Tensor]:
     }
     dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
     return state
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Text inputs are tokenized into a cache (tiedmoe_titan.data.text_cache): the tests'
+    own, shared by the session (the bundled corpus is tokenized once), inherited by the
+    trainers they start."""
+    import os
+
+    os.environ["TIEDMOE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))

@@ -1,7 +1,6 @@
 """Checkpoints through tiedmoe-train: exact resume, interrupted saves, mismatched
 layouts, non-finite steps."""
 
-import json
 import os
 import re
 import shutil
@@ -47,12 +46,12 @@ def interrupted_train(dump, at_step: int, *overrides):
     return "".join(lines)
 
 
-@pytest.mark.parametrize("group_size", ["1", "2"])
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, group_size):
-    """G=1 and G=2, gradient accumulation 2, aux-loss-free expert bias: a run stopped by
-    SIGTERM and resumed ends with every tensor (model, optimizer, expert bias) bit for
-    bit equal to the uninterrupted run's, and logs the same losses."""
-    steps = ["--training.steps", "6", "--checkpoint.interval", "6", "--tying.group_size", group_size]
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    """G=2, gradient accumulation 2, aux-loss-free expert bias: a run stopped by SIGTERM
+    and resumed ends with every tensor (model, optimizer, expert bias) bit for bit equal
+    to the uninterrupted run's, and logs the same losses. (Nothing in the resume path
+    depends on G; tied G=2 is the case this project adds.)"""
+    steps = ["--training.steps", "6", "--checkpoint.interval", "6", "--tying.group_size", "2"]
     straight = train(tmp_path / "straight", *steps)
     first = interrupted_train(tmp_path / "resumed", 2, *steps)
     saved = int(re.search(r"Saved a checkpoint for resumption at step (\d+)", first).group(1))
@@ -132,13 +131,40 @@ def test_kill_9_in_the_middle_of_a_save(tmp_path):
     assert any(p.name.startswith(f"incomplete-{killed_at}-") for p in folder.iterdir())
 
 
-def test_resume_with_another_tie_layout_is_one_clear_line(tmp_path):
+def as_old_data_position(step_dir) -> None:
+    """Rewrite a checkpoint's data position as tiedmoe_titan saved it before token shards:
+    torchtitan's per-rank loader states (dataloader.dp_rank_N, dataloader.world_size)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(md.size, dtype=md.properties.dtype) if hasattr(md, "size") else None for k, md in metadata.items()}
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    state = {k: v for k, v in state.items() if not k.startswith("dataloader.")}
+    state.update({"dataloader.dp_rank_0": b"old text-stream position", "dataloader.world_size": 1})
+    shutil.rmtree(step_dir)
+    dcp.save(state, checkpoint_id=str(step_dir), no_dist=True)
+
+
+def test_resume_refusals_are_one_clear_line(tmp_path):
+    """Another tie layout, or a data position from before token shards: one line, exit 2;
+    the old data position can be left out with checkpoint.exclude_from_loading."""
     train(tmp_path, "--training.steps", "2", "--checkpoint.interval", "2")
     out = train(tmp_path, "--training.steps", "4", "--tying.bank_expansion", "2", check=False)
     assert out.returncode == 2
     assert "tiedmoe-train: error: the bank of layers.2 (w1) has 8 experts in step-2, 16 in the recipe" in out.stderr
     out = train(tmp_path, "--training.steps", "4", "--tying.group_size", "3", "--tying.untied_first", "1", "--tying.untied_last", "1", check=False)
     assert out.returncode == 2 and "tie layout" in out.stderr.splitlines()[-1]
+
+    as_old_data_position(tmp_path / "checkpoint" / "step-2")
+    out = train(tmp_path, "--training.steps", "3", check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.splitlines()[-1] == (
+        "tiedmoe-train: error: step-2 holds per-rank text-stream data positions (tiedmoe_titan before token shards), "
+        "which the shard loader cannot continue: pass --checkpoint.exclude_from_loading dataloader to keep the model "
+        "and optimizer and read the data from its start"
+    )
+    out = train(tmp_path, "--training.steps", "3", "--checkpoint.exclude_from_loading", "dataloader")
+    assert "Training starts at step 3" in out.stdout + out.stderr
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
@@ -160,110 +186,75 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
             assert not value.is_floating_point() or torch.isfinite(value).all()
 
 
-@pytest.mark.parametrize("ep", ["1", "2"])
-def test_interrupted_and_resumed_fsdp_run_is_bit_identical(tmp_path, ep):
-    """The same under torchrun with dp_shard=2, with and without EP=2 (tied G=2): the
-    signal reaches one process group, both ranks stop at the same step, and the
-    resumed sharded state equals the uninterrupted one bit for bit."""
-    layout = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", ep,
-              "--training.global_batch_size", "8", "--training.steps", "8", "--checkpoint.interval", "8"]
+def logged_losses(text: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", text))}
 
-    def launch(dump, stop_at=None):
+
+def test_fsdp_run_resumes_bit_identical_and_on_one_process(tmp_path):
+    """Under torchrun with dp_shard=2 and EP=2 (tied G=2; FSDP shards the rest): the
+    signal reaches one process group, both ranks stop at the same step, and the resumed
+    sharded state equals the uninterrupted one bit for bit.
+
+    The uninterrupted run's step-4 checkpoint is then resumed by 1 process (gradient
+    accumulation over 4 micro-batches) at the same global batch size: DCP reshards model
+    and optimizer, the data position is one global sample count, so both layouts read the
+    same samples at every step, and the losses go on as in the uninterrupted run up to the
+    order of floating-point sums. (Any other data-parallel size: tests/test_data.py.)"""
+    layout = ["--training.global_batch_size", "8", "--training.steps", "8", "--checkpoint.interval", "4"]
+    two = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2"]
+
+    def launch(dump, *overrides, stop_at=None, nproc=2):
         proc = subprocess.Popen(
-            ["launch/single_node.sh", RECIPE, "--job.dump_folder", str(dump), *SMALL, *layout],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ["launch/single_node.sh", RECIPE, "--job.dump_folder", str(dump), *SMALL, *layout, *overrides],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "NPROC": str(nproc)},
         )
         lines = []
         for line in proc.stdout:
             lines.append(line)
             if stop_at and re.search(rf"step:\s*{stop_at}\s", re.sub(r"\x1b\[[0-9;]*m", "", line)):
                 proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
-        proc.wait(timeout=600)
+        assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
         return "".join(lines)
 
-    straight = launch(tmp_path / "straight")
+    straight = launch(tmp_path / "straight", *two)
     assert "Training finished" in straight, straight[-3000:]
-    first = launch(tmp_path / "resumed", stop_at=2)
+    first = launch(tmp_path / "resumed", *two, stop_at=2)
     saved = int(re.search(r"Saved a checkpoint for resumption at step (\d+)", first).group(1))
     assert 2 <= saved < 8  # ranks agree a step after the signal: margin for a fast machine
-    second = launch(tmp_path / "resumed")
+    second = launch(tmp_path / "resumed", *two)
     assert f"Training starts at step {saved + 1}" in second and "Training finished" in second
     a, b = load_all(tmp_path / "straight" / "checkpoint" / "step-8"), load_all(tmp_path / "resumed" / "checkpoint" / "step-8")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
-
-def repeated_document_corpus(path) -> int:
-    """A corpus whose every sample is the same sequence, whatever the rank or position:
-    identical documents, ``seq_len + 1`` a multiple of their token count. Returns seq_len."""
-    from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH, SentencePieceTokenizer
-
-    text = "Return the number of items in a container, or raise an error if it has no length."
-    tokens = len(SentencePieceTokenizer(DEFAULT_TOKENIZER_PATH).encode(text, add_bos=True, add_eos=True))
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(64)))
-    return tokens * max(1, round(65 / tokens)) - 1
+    shutil.copytree(tmp_path / "straight" / "checkpoint" / "step-4", tmp_path / "one" / "checkpoint" / "step-4")
+    log = launch(tmp_path / "one", "--parallelism.data_parallel_shard_degree", "1", nproc=1)
+    assert "Training starts at step 5" in log and "data position" not in log  # nothing to warn about
+    resumed, reference = logged_losses(log), logged_losses(straight)
+    assert sorted(resumed) == [5, 6, 7, 8] and sorted(reference) == list(range(1, 9))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), (step, resumed, reference)
 
 
-def logged_losses(text: str) -> dict[int, float]:
-    return {int(s): float(v) for s, v in re.findall(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", text))}
-
-
-def test_resharded_resume_continues_the_loss(tmp_path):
-    """Saved by 2 processes (dp_shard=2, EP=2), resumed by 4 (dp_shard=4, EP=1) and by 1:
-    DCP reshards model and optimizer, the data position carries over at the same global
-    sample count, and the losses go on as in the uninterrupted run (fp tolerance). The
-    data is made layout-independent (every sample the same sequence) so the losses of
-    different layouts can be compared step by step."""
-    corpus = tmp_path / "repeated.jsonl"
-    seq_len = repeated_document_corpus(corpus)
-    common = ["--training.dataset_path", str(corpus), "--training.seq_len", str(seq_len),
-              "--training.global_batch_size", "8", "--training.steps", "8", "--checkpoint.interval", "4",
-              "--optimizer.lr", "1e-4"]
-
-    def launch(dump, nproc, *layout):
-        out = subprocess.run(
-            ["launch/single_node.sh", RECIPE, "--job.dump_folder", str(dump), *SMALL, *common, *layout],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "NPROC": str(nproc)},
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out.stdout + out.stderr
-
-    straight = logged_losses(launch(tmp_path / "two", 2, "--parallelism.data_parallel_shard_degree", "2",
-                                    "--parallelism.expert_parallel_degree", "2"))
-    assert sorted(straight) == list(range(1, 9))
-    for nproc in (4, 1):
-        resumed_dir = tmp_path / f"resumed-{nproc}" / "checkpoint"
-        shutil.copytree(tmp_path / "two" / "checkpoint" / "step-4", resumed_dir / "step-4")
-        log = launch(tmp_path / f"resumed-{nproc}", nproc, "--parallelism.data_parallel_shard_degree", str(nproc))
-        assert "Training starts at step 5" in log
-        assert f"data position saved by 2 data-parallel ranks, resumed by {nproc}" in log
-        resumed = logged_losses(log)
-        assert sorted(resumed) == [5, 6, 7, 8]
-        for step, loss in resumed.items():
-            assert loss == pytest.approx(straight[step], rel=1e-4), (nproc, step, resumed, straight)
-
-
-def test_rerun_of_a_finished_run_says_so_in_one_line_and_exits_0(tmp_path):
-    train(tmp_path, "--training.steps", "4", "--checkpoint.interval", "2")
-    before = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    out = train(tmp_path, "--training.steps", "4", "--checkpoint.interval", "2")
-    assert out.stdout.strip().splitlines() == [
-        f"tiedmoe-train: {tmp_path}/checkpoint/step-4 is at training.steps = 4: the run is finished, nothing to train "
-        "(raise --training.steps to extend it)"
-    ]
-    out = train(tmp_path, "--training.steps", "3", "--checkpoint.interval", "2")
-    assert "step-4 is past training.steps = 3" in out.stdout
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == before
-
-
-def test_extended_run_continues_exactly_from_its_final_checkpoint(tmp_path):
-    """The recipes' final save is a full checkpoint: 4 steps then extended to 6 equals 6
-    straight, with the schedule fixed by lr_scheduler.total_steps; without it, the
-    changed schedule is said in one line."""
+def test_rerun_and_extension_of_a_finished_run(tmp_path):
+    """A finished run rerun says so in one line, exits 0 and writes nothing (also with
+    fewer steps). The recipes' final save is a full checkpoint: 4 steps then extended to
+    6 equals 6 straight, with the schedule fixed by lr_scheduler.total_steps; without it,
+    the changed schedule is said in one line."""
     fixed = ["--lr_scheduler.total_steps", "6", "--checkpoint.interval", "1000"]
     straight = train(tmp_path / "straight", "--training.steps", "6", *fixed)
     train(tmp_path / "extended", "--training.steps", "4", *fixed)
+    before = sorted(p.name for p in (tmp_path / "extended" / "checkpoint").iterdir())
+    out = train(tmp_path / "extended", "--training.steps", "4", *fixed)
+    assert out.stdout.strip().splitlines() == [
+        f"tiedmoe-train: {tmp_path}/extended/checkpoint/step-4 is at training.steps = 4: the run is finished, nothing to "
+        "train (raise --training.steps to extend it)"
+    ]
+    out = train(tmp_path / "extended", "--training.steps", "3", *fixed)
+    assert "step-4 is past training.steps = 3" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "extended" / "checkpoint").iterdir()) == before
+
     out = train(tmp_path / "extended", "--training.steps", "6", *fixed)
     log = out.stdout + out.stderr
     assert "Training starts at step 5" in log and "LR schedule" not in log

@@ -1,33 +1,43 @@
-"""Tests for tiedmoe_titan.data (local-files dataset, loaders, validator, corpus)."""
+"""Tests for tiedmoe_titan.data: reading text, the text cache, token shards, the
+global sample order (shuffle, mixture, data-parallel split), exact resume, refusals."""
 
 import contextlib
-import itertools
 import json
 import logging
 import os
 import random
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
+from tiny_bpe import make_hf_tokenizer
 from torchtitan.components.dataloader import ParallelAwareDataloader
-from torchtitan.config import JobConfig
 
+from tiedmoe_titan.config import job_config_class
 from tiedmoe_titan.data import (
     DEFAULT_CORPUS_DIR,
     DEFAULT_TRAIN_PATH,
     DEFAULT_VALID_PATH,
-    LocalTextDataset,
+    MixtureSchedule,
+    ShardDataset,
+    ShardSource,
+    TokenShards,
     build_local_text_dataloader,
     build_local_validation_dataloader,
     build_local_validator,
+    check_data,
     iter_documents,
-    pick_source,
+    open_sources,
     resolve_dataset_files,
 )
-from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH, SentencePieceTokenizer
+from tiedmoe_titan.data.permutation import Permutation
+from tiedmoe_titan.data.shard_format import metadata, write_json_atomic
+from tiedmoe_titan.data.text_cache import cache_folder
+from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH, SentencePieceTokenizer, load_tokenizer, tokenizer_identity
 
 SEQ_LEN = 16
+WIDTH = SEQ_LEN + 1
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +46,32 @@ def tok():
 
 
 def _docs(n, start=0):
-    """Distinct documents of varying length, some spanning several samples.
-
-    Every word is unique so that no two samples have the same tokens.
-    """
-    return [
-        f"Document {i} says: " + " ".join(f"fox{i}x{j}" for j in range(3 + 2 * (i % 5)))
-        for i in range(start, start + n)
-    ]
+    """Distinct documents of varying length, some spanning several samples."""
+    return [f"Document {i} says: " + " ".join(f"fox{i}x{j}" for j in range(3 + 2 * (i % 5))) for i in range(start, start + n)]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    """Two files, 13 documents in total: a .jsonl (9) and a .txt (4)."""
-    docs_a, docs_b = _docs(9), _docs(4, start=9)
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs_a))
-    (tmp_path / "b.txt").write_text("\n\n".join(docs_b) + "\n")
-    return str(tmp_path / "*.jsonl") + "," + str(tmp_path / "*.txt"), docs_a + docs_b
+def _stream(tok, docs):
+    return [t for d in docs for t in tok.encode(d, add_bos=True, add_eos=True)]
 
 
-def _job_config(path, batch_size=2, val_path=None, num_workers=0):
-    cfg = JobConfig()
+def make_shards(folder, arrays, tok, dtype="uint16"):
+    """A shard folder holding ``arrays`` (one shard each), recorded as made by ``tok``."""
+    os.makedirs(folder, exist_ok=True)
+    shards = []
+    for i, array in enumerate(arrays):
+        name = f"{i:06d}-0000.bin"
+        np.asarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tofile(os.path.join(folder, name))
+        shards.append({"file": name, "tokens": len(array), "documents": 1, "source": "test"})
+    write_json_atomic(os.path.join(folder, "metadata.json"), metadata(tokenizer_identity(tok), dtype, shards, []))
+    return str(folder)
+
+
+def _job_config(path, batch_size=2, val_path=None, num_workers=0, global_batch=-1):
+    cfg = job_config_class()()
     cfg.training.dataset_path = path
     cfg.training.seq_len = SEQ_LEN
     cfg.training.local_batch_size = batch_size
+    cfg.training.global_batch_size = global_batch
     cfg.training.dataloader.num_workers = num_workers
     cfg.validation.dataset_path = val_path if val_path is not None else path
     cfg.validation.seq_len = SEQ_LEN
@@ -67,19 +79,15 @@ def _job_config(path, batch_size=2, val_path=None, num_workers=0):
     return cfg
 
 
-def _stream(tok, docs):
-    return [t for d in docs for t in tok.encode(d, add_bos=True, add_eos=True)]
-
-
 def _take(loader, n):
     out, it = [], iter(loader)
     for _ in range(n):
         inputs, labels = next(it)
-        out.append((inputs["input"].clone(), labels.clone()))
+        out.append(torch.cat([inputs["input"], labels[:, -1:]], dim=1))
     return out
 
 
-# ------------------------------------------------------------------ reading
+# ------------------------------------------------------------------ reading text
 
 
 def test_txt_blocks_and_jsonl_lines(tmp_path):
@@ -92,142 +100,233 @@ def test_txt_blocks_and_jsonl_lines(tmp_path):
         list(iter_documents(str(tmp_path / "bad.jsonl")))
 
 
-# ------------------------------------------------------------------ packing
+def _write_parquet(path, columns, row_group_size=2):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)
 
 
-def test_packing_is_the_concatenated_bos_doc_eos_stream(tok, corpus):
-    path, docs = corpus
-    ds = LocalTextDataset(path, tok, seq_len=SEQ_LEN)
-    samples = list(ds)
-    stream = _stream(tok, docs)
-    assert len(samples) == len(stream) // (SEQ_LEN + 1) == ds.samples_in(ds.sources[0]) > 3
-    flat = []
-    for inputs, labels in samples:
+def test_parquet_documents_skip_nulls_and_blanks(tmp_path):
+    docs = _docs(7)
+    texts = docs[:3] + [None, "", "  "] + docs[3:]
+    _write_parquet(tmp_path / "p.parquet", {"id": list(range(len(texts))), "text": texts})
+    assert list(iter_documents(str(tmp_path / "p.parquet"))) == docs
+    _write_parquet(tmp_path / "bad.parquet", {"body": ["a", "b"], "id": [1, 2]})
+    with pytest.raises(ValueError) as err:
+        list(iter_documents(str(tmp_path / "bad.parquet")))
+    assert str(err.value) == f"{tmp_path}/bad.parquet: no 'text' column (it has: body, id)"
+
+
+def test_bundled_corpus_is_small_real_and_split():
+    sizes = [os.path.getsize(p) for p in (DEFAULT_TRAIN_PATH, DEFAULT_VALID_PATH)]
+    assert 1_000_000 <= sum(sizes) <= 2_000_000
+    assert os.path.dirname(DEFAULT_TRAIN_PATH) == DEFAULT_CORPUS_DIR
+    sources = {}
+    for path in (DEFAULT_TRAIN_PATH, DEFAULT_VALID_PATH):
+        with open(path, encoding="utf-8") as f:
+            sources[path] = {json.loads(line)["source"] for line in f}
+    assert not sources[DEFAULT_TRAIN_PATH] & sources[DEFAULT_VALID_PATH]
+    assert len(sources[DEFAULT_VALID_PATH]) >= 10
+
+
+# ------------------------------------------------------------------ text through the cache
+
+
+def test_text_is_tokenized_once_into_the_cache_as_packed_documents(tok, tmp_path, monkeypatch):
+    """.jsonl, .txt and .parquet of one source become one stream of bos + doc + eos, in
+    glob order; a second open reads the cache, and an edit or another tokenizer makes a
+    new cache folder."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(9)))
+    (tmp_path / "b.txt").write_text("\n\n".join(_docs(4, start=9)) + "\n")
+    _write_parquet(tmp_path / "c.parquet", {"text": _docs(3, start=13)})
+    path = f"{tmp_path}/*.jsonl,{tmp_path}/*.txt,{tmp_path}/*.parquet"
+    logs = []
+    (source,) = open_sources(path, tok, "training.dataset_path", log=logs.append)
+    assert source.shards.read(0, source.shards.num_tokens).tolist() == _stream(tok, _docs(16))
+    assert any("tokenizing 3 text file(s) once into the data cache" in m for m in logs)
+
+    import tiedmoe_titan.data.text_cache as text_cache
+
+    monkeypatch.setattr(text_cache, "tokenize", lambda *a, **k: pytest.fail("tokenized again"))
+    again = open_sources(path, tok, "training.dataset_path", log=logs.append)
+    assert again[0].shards.folders == source.shards.folders
+    monkeypatch.undo()
+
+    files = resolve_dataset_files(path, "training.dataset_path")
+    before = cache_folder(files, tok)
+    (tmp_path / "b.txt").write_text("\n\n".join(_docs(5, start=9)) + "\n")
+    assert cache_folder(files, tok) != before
+    hf = load_tokenizer(make_hf_tokenizer(tmp_path / "hf"))
+    assert cache_folder(files, hf) != cache_folder(files, tok)
+
+
+# ------------------------------------------------------------------ the global order
+
+
+def test_permutation_is_a_seeded_bijection():
+    for n in (1, 2, 3, 7, 64, 1000, 4099):
+        for seed in (0, 1):
+            assert sorted(Permutation(n, seed)(np.arange(n)).tolist()) == list(range(n))
+    a, b = Permutation(1000, 0)(np.arange(1000)), Permutation(1000, 1)(np.arange(1000))
+    assert not np.array_equal(a, b) and np.array_equal(a, Permutation(1000, 0)(np.arange(1000)))
+    assert (a == np.arange(1000)).sum() < 10  # not the identity, nor close to it
+    big = Permutation(10**12, 3)  # a trillion samples: nothing stored, O(1) per index
+    assert 0 <= int(big(10**12 - 1)) < 10**12
+
+
+def _arange_source(tmp_path, tok, n_tokens, name="data", weight=Fraction(1), start=0, parts=3):
+    """A source whose token i is ``start + i``, split over ``parts`` shards."""
+    tokens = np.arange(start, start + n_tokens)
+    folder = make_shards(tmp_path / f"shards-{name}", np.array_split(tokens, parts), tok, dtype="uint32")
+    return ShardSource(name, weight, TokenShards([folder], "training.dataset_path"))
+
+
+def _sample_ids(dataset, n):
+    """Which sample (start token // WIDTH) each of the first n yielded samples is."""
+    out = []
+    for (inputs, labels), _ in zip(dataset, range(n)):
         x = inputs["input"]
-        assert x.shape == labels.shape == (SEQ_LEN,) and x.dtype == torch.long
-        assert torch.equal(x[1:], labels[:-1])
-        flat += x.tolist() + labels[-1:].tolist()
-    assert flat == stream[: len(flat)]
-    # every document ends in eos, and the next one starts right after it with bos
-    eos_positions = [i for i, t in enumerate(flat) if t == tok.eos_id]
-    assert len(eos_positions) >= 3
-    assert all(flat[i + 1] == tok.bos_id for i in eos_positions if i + 1 < len(flat))
+        assert torch.equal(x[1:], labels[:-1]) and x.dtype == torch.long
+        assert int(x[0]) % WIDTH == 0 and torch.equal(x, torch.arange(int(x[0]), int(x[0]) + SEQ_LEN))
+        out.append(int(x[0]) // WIDTH)
+    return out
 
 
-def test_dp_ranks_get_disjoint_documents_covering_all(tok, corpus):
-    path, docs = corpus
-    world = 3
-    shards = [LocalTextDataset(path, tok, SEQ_LEN, dp_rank=r, dp_world_size=world) for r in range(world)]
-    indices = [set(ds.sources[0].doc_indices) for ds in shards]
-    assert all(not (indices[a] & indices[b]) for a in range(world) for b in range(a + 1, world))
-    assert set().union(*indices) == set(range(len(docs)))
-    for ds in shards:  # each rank's stream is made of exactly its own documents
-        expected = _stream(tok, [docs[i] for i in ds.sources[0].doc_indices])
-        assert ds.sources[0].tokens.tolist() == expected
-    again = LocalTextDataset(path, tok, SEQ_LEN, dp_rank=1, dp_world_size=world)
-    assert [s[1].tolist() for s in again] == [s[1].tolist() for s in shards[1]]  # deterministic
+def test_shuffled_epochs_read_every_sample_once_in_a_new_order(tok, tmp_path):
+    source = _arange_source(tmp_path, tok, 50 * WIDTH + 5)  # 50 samples, windows cross shard ends
+    ds = ShardDataset([source], SEQ_LEN, local_batch_size=1, shuffle=True, seed=0)
+    first, second = _sample_ids(ds, 100)[:50], _sample_ids(ds, 100)[50:]
+    assert sorted(first) == sorted(second) == list(range(50))
+    assert first != second and first != list(range(50))
+    unshuffled = ShardDataset([source], SEQ_LEN, local_batch_size=1, shuffle=False)
+    assert _sample_ids(unshuffled, 60) == list(range(50)) + list(range(10))
+    assert _sample_ids(ShardDataset([source], SEQ_LEN, 1, shuffle=True, seed=1), 50) != first
 
 
-# ------------------------------------------------------------------ resume / re-loop
+def test_each_rank_takes_its_slice_of_every_micro_batch(tok, tmp_path):
+    """dp ranks x local batch reads the same global samples as one rank with the whole
+    micro-batch: rank r's i-th batch is slice r of global micro-batch i."""
+    source = _arange_source(tmp_path, tok, 40 * WIDTH)
+    whole = _sample_ids(ShardDataset([source], SEQ_LEN, local_batch_size=6), 36)
+    for r in range(3):
+        part = _sample_ids(ShardDataset([source], SEQ_LEN, local_batch_size=2, dp_rank=r, dp_world_size=3), 12)
+        assert part == [whole[6 * m + 2 * r + j] for m in range(6) for j in range(2)]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_resume_continues_exactly_across_epochs(tok, corpus, tmp_path, num_workers, weighted):
-    path, _ = corpus
-    if weighted:  # same files as two sources of a mixture
-        path = f"web=0.7:{tmp_path}/*.jsonl,notes=0.3:{tmp_path}/*.txt"
+def test_resume_continues_exactly_across_epochs(tok, tmp_path, num_workers, weighted):
+    """A loader's state after k batches, loaded into a new loader, gives exactly the
+    batches the first would have given next, with loader workers too, past epochs."""
+    a = make_shards(tmp_path / "a", [np.arange(23 * WIDTH)], tok)
+    b = make_shards(tmp_path / "b", [np.arange(1000, 1000 + 9 * WIDTH)], tok)
+    path = f"web=0.7:{a},notes=0.3:{b}" if weighted else f"{a},{b}"
     cfg = _job_config(path, num_workers=num_workers)
-    ref_loader = build_local_text_dataloader(2, 1, tok, cfg)
-    assert isinstance(ref_loader, ParallelAwareDataloader)
-    ds = ref_loader.dataset
-    assert len(ds.sources) == (2 if weighted else 1)
-    sizes = [ds.samples_in(s) for s in ds.sources]
-    n_batches = sum(sizes) + 2  # 2 samples per batch: goes well past one epoch
-    reference = _take(ref_loader, n_batches)
-    # no source re-loops within the first min(sizes) samples, so none may repeat
-    # there (workers must not duplicate data)
-    seen = [tuple(x.tolist()) for b in reference for x in b[1]]
-    assert len(set(seen[: min(sizes)])) == min(sizes)
+    reference_loader = build_local_text_dataloader(2, 1, tok, cfg)
+    assert isinstance(reference_loader, ParallelAwareDataloader)
+    n_batches = 40  # 160 global samples: several epochs of every source
+    reference = _take(reference_loader, n_batches)
+    for cut in (3, 17):
+        loader = build_local_text_dataloader(2, 1, tok, cfg)
+        _take(loader, cut)
+        state = loader.state_dict()
+        resumed = build_local_text_dataloader(2, 1, tok, cfg)
+        resumed.load_state_dict(state)
+        assert [torch.equal(x, y) for x, y in zip(reference[cut:], _take(resumed, n_batches - cut))] == [True] * (n_batches - cut)
 
-    cut = 3
-    loader = build_local_text_dataloader(2, 1, tok, cfg)
-    it = iter(loader)
-    for _ in range(cut):
-        next(it)
+
+def test_position_is_global_and_resumes_on_another_data_parallel_size(tok, tmp_path):
+    """The state is the same on every rank; 2 ranks x 2 samples resumed as 1 rank x 4
+    (or 1 x 2 with 2 micro-batches) read exactly the samples the 2 ranks would have."""
+    source = make_shards(tmp_path / "s", [np.arange(64 * WIDTH)], tok, dtype="uint32")
+    cfg = _job_config(source, batch_size=2)
+    loaders = [build_local_text_dataloader(2, r, tok, cfg) for r in range(2)]
+    for loader in loaders:
+        _take(loader, 5)
+    states = [loader.state_dict() for loader in loaders]
+    assert states[0] == states[1] and json.loads(states[0]["position"])["consumed_samples"] == 20
+    next_two = [_take(loader, 2) for loader in loaders]  # a new iterator goes on from the position
+    fresh = [build_local_text_dataloader(2, r, tok, cfg) for r in range(2)]
+    for loader in fresh:
+        loader.load_state_dict(states[0])
+    resumed = [_take(loader, 2) for loader in fresh]
+    expected = [torch.cat([next_two[0][i], next_two[1][i]]) for i in range(2)]
+    assert all(torch.equal(e, torch.cat([resumed[0][i], resumed[1][i]])) for i, e in enumerate(expected))
+
+    one = build_local_text_dataloader(1, 0, tok, _job_config(source, batch_size=4))
+    one.load_state_dict(states[0])
+    assert all(torch.equal(x, e) for x, e in zip(_take(one, 2), expected))
+    accumulate = build_local_text_dataloader(1, 0, tok, _job_config(source, batch_size=2))
+    accumulate.load_state_dict(states[0])
+    assert torch.equal(torch.cat(_take(accumulate, 4)), torch.cat(expected))
+
+
+# ------------------------------------------------------------------ mixtures
+
+
+def test_mixture_schedule_stays_within_one_sample_of_the_weights():
+    rng = random.Random(0)
+    for _ in range(20):
+        raw = [Fraction(rng.randint(1, 50)) for _ in range(rng.randint(1, 8))]
+        weights = [w / sum(raw) for w in raw]
+        schedule, counts = MixtureSchedule(weights), [0] * len(weights)
+        for n in range(1, 201):
+            counts[schedule.pick(counts)] += 1
+            assert all(abs(c - n * w) < 1 for c, w in zip(counts, weights))
+
+
+def test_mixture_on_shards_realises_the_weights_and_reloops_each_source(tok, tmp_path):
+    sources = [
+        _arange_source(tmp_path, tok, 30 * WIDTH, "a", Fraction(1, 2), start=0),
+        _arange_source(tmp_path, tok, 4 * WIDTH, "b", Fraction(1, 5), start=100_000),
+        _arange_source(tmp_path, tok, 20 * WIDTH, "c", Fraction(3, 10), start=200_000),
+    ]
+    ds = ShardDataset(sources, SEQ_LEN, local_batch_size=1, shuffle=True)
+    counts = {"a": [], "b": [], "c": []}
+    for n, (inputs, _) in enumerate(ds, start=1):
+        first = int(inputs["input"][0])
+        name = "abc"[first // 100_000]
+        counts[name].append((first % 100_000) // WIDTH)
+        for s, w in (("a", 0.5), ("b", 0.2), ("c", 0.3)):
+            assert abs(len(counts[s]) - round(w * n)) <= 1, n
+        if n == 200:
+            break
+    assert [len(v) for v in counts.values()] == [100, 40, 60]
+    for i in range(10):  # 'b' re-looped 10 times, every epoch a permutation of its 4 samples
+        assert sorted(counts["b"][4 * i : 4 * i + 4]) == [0, 1, 2, 3]
+
+
+def test_changed_weights_resume_each_source_where_it_stopped(tok, tmp_path, caplog):
+    a = make_shards(tmp_path / "a", [np.arange(40 * WIDTH)], tok, dtype="uint32")
+    b = make_shards(tmp_path / "b", [np.arange(100_000, 100_000 + 40 * WIDTH)], tok, dtype="uint32")
+    loader = build_local_text_dataloader(1, 0, tok, _job_config(f"a=0.5:{a},b=0.5:{b}"))
+    _take(loader, 5)
     state = loader.state_dict()
-    del it, loader
-
-    resumed = build_local_text_dataloader(2, 1, tok, cfg)
-    resumed.load_state_dict(state)
-    continuation = _take(resumed, n_batches - cut)
-    for (x, y), (rx, ry) in zip(reference[cut:], continuation):
-        assert torch.equal(x, rx) and torch.equal(y, ry)
-
-
-def test_infinite_wraps_like_a_carried_over_buffer(tok, corpus):
-    path, docs = corpus
-    ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
-    stream = _stream(tok, docs)
-    n = 2 * ds.samples_in(ds.sources[0]) + 1
-    flat = []
-    for _, (inputs, labels) in zip(range(n), ds):
-        flat += inputs["input"].tolist() + labels[-1:].tolist()
-    assert flat == (stream * 3)[: len(flat)]
+    draws = {k: v["draws"] for k, v in json.loads(state["position"])["sources"].items()}
+    assert draws == {"a": 5, "b": 5}
+    heavier_b = build_local_text_dataloader(1, 0, tok, _job_config(f"a=0.1:{a},b=0.9:{b}"))
+    with caplog.at_level(logging.WARNING):
+        heavier_b.load_state_dict(state)
+    assert any("sources/weights" in m and "interleaving starts afresh" in m for m in caplog.messages)
+    assert heavier_b.position.draws == [5, 5]
+    ids = [int(x[0]) // 100_000 for x in torch.cat(_take(heavier_b, 10))]
+    assert ids.count(1) == 18 and heavier_b.position.draws == [7, 23]  # 18 of the next 20 from b
 
 
-def test_finite_training_stops_but_validation_restarts(tok, corpus):
-    path, _ = corpus
-    cfg = _job_config(path)
-    train = build_local_text_dataloader(1, 0, tok, cfg, infinite=False)
-    first = list(train)
-    assert sum(len(y) for _, y in first) == train.dataset.samples_in(train.dataset.sources[0])
-    assert list(train) == []  # a finished finite stream stays finished, like torchtitan's
-    val = build_local_validation_dataloader(1, 0, tok, cfg)
-    a, b = list(val), list(val)
-    assert len(a) == len(first) and all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
+# ------------------------------------------------------------------ validation
 
 
-# ------------------------------------------------------------------ errors
-
-
-@pytest.mark.parametrize(
-    "value, error, pieces",
-    [
-        (None, ValueError, ["training.dataset_path is not set"]),
-        ("  ", ValueError, ["training.dataset_path is not set"]),
-        ("{tmp}/missing/*.jsonl", FileNotFoundError, ["training.dataset_path", "/missing/*.jsonl", "matched no files"]),
-        ("{tmp}/*.jsonl,{tmp}/nope.txt", FileNotFoundError, ["'{tmp}/nope.txt' matched no files"]),
-        ("{tmp}/empty.txt", ValueError, ["contain no documents"]),
-        ("{tmp}/notes.md", ValueError, ["is not a .txt, .jsonl or .parquet file"]),
-    ],
-)
-def test_clear_one_line_errors(tok, tmp_path, value, error, pieces):
-    (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')
-    (tmp_path / "empty.txt").write_text("\n\n")
-    (tmp_path / "notes.md").write_text("# notes\n")
-    cfg = _job_config(value.format(tmp=tmp_path) if value else value)
-    with pytest.raises(error) as err:
-        build_local_text_dataloader(1, 0, tok, cfg)
-    msg = str(err.value)
-    assert "\n" not in msg
-    for piece in pieces:
-        assert piece.format(tmp=tmp_path) in msg
-
-
-def test_validation_errors_name_validation_setting(tok, tmp_path):
-    cfg = _job_config(str(tmp_path / "*.jsonl"), val_path=str(tmp_path / "val/*.txt"))
-    with pytest.raises(FileNotFoundError, match=r"validation.dataset_path: glob '.*val/\*.txt' matched no files"):
-        build_local_validation_dataloader(1, 0, tok, cfg)
-
-
-def test_too_few_documents_for_world_size(tok, tmp_path):
-    (tmp_path / "two.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
-    with pytest.raises(ValueError, match="too few for dp_world_size 3"):
-        LocalTextDataset(str(tmp_path / "two.jsonl"), tok, SEQ_LEN, dp_rank=2, dp_world_size=3)
-
-
-# ------------------------------------------------------------------ validator
+def test_validation_reads_in_order_restarts_each_pass_and_drops_a_partial_batch(tok, tmp_path):
+    source = make_shards(tmp_path / "v", [np.arange(11 * WIDTH + 3)], tok, dtype="uint32")
+    cfg = _job_config(source, batch_size=2)
+    loaders = [build_local_validation_dataloader(2, r, tok, cfg) for r in range(2)]
+    passes = [[torch.cat([x["input"], y[:, -1:]], 1) for x, y in loader] for loader in loaders]
+    assert [len(p) for p in passes] == [2, 2]  # 11 samples: two micro-batches of 4, on both ranks
+    starts = [int(b[i, 0]) // WIDTH for m in range(2) for b in (passes[0][m], passes[1][m]) for i in range(2)]
+    assert starts == list(range(8))  # file order, rank 0's slice then rank 1's
+    again = [torch.cat([x["input"], y[:, -1:]], 1) for x, y in loaders[0]]
+    assert all(torch.equal(a, b) for a, b in zip(passes[0], again))
 
 
 class _TinyLM(torch.nn.Module):
@@ -245,7 +344,9 @@ class _TinyLM(torch.nn.Module):
 
 class _Metrics:
     ntokens_since_last_log = 0
-    logged = []
+
+    def __init__(self):
+        self.logged = []
 
     def log_validation(self, loss, step):
         self.logged.append((step, loss))
@@ -271,7 +372,7 @@ def test_validator_reuses_torchtitan_class_with_local_data(tok, monkeypatch):
     assert type(validator) is tt_validate.Validator
     assert tt_validate.build_text_validation_dataloader is original  # swap undone
     ds = validator.validation_dataloader.dataset
-    assert isinstance(ds, LocalTextDataset) and ds.files == [DEFAULT_VALID_PATH]
+    assert isinstance(ds, ShardDataset) and not ds.shuffle
 
     torch.manual_seed(0)
     model = _TinyLM(tok.get_vocab_size())
@@ -282,172 +383,76 @@ def test_validator_reuses_torchtitan_class_with_local_data(tok, monkeypatch):
     assert loss1 == pytest.approx(torch.log(torch.tensor(2048.0)).item(), rel=0.1)
 
 
-# ------------------------------------------------------------------ bundled corpus
+# ------------------------------------------------------------------ refusals
 
 
-def test_bundled_corpus_is_small_real_and_split():
-    sizes = [os.path.getsize(p) for p in (DEFAULT_TRAIN_PATH, DEFAULT_VALID_PATH)]
-    assert 1_000_000 <= sum(sizes) <= 2_000_000
-    assert os.path.dirname(DEFAULT_TRAIN_PATH) == DEFAULT_CORPUS_DIR
-    sources = {}
-    for path in (DEFAULT_TRAIN_PATH, DEFAULT_VALID_PATH):
-        with open(path, encoding="utf-8") as f:
-            sources[path] = {json.loads(line)["source"] for line in f}
-    assert not sources[DEFAULT_TRAIN_PATH] & sources[DEFAULT_VALID_PATH]
-    assert len(sources[DEFAULT_VALID_PATH]) >= 10
-    text = next(iter_documents(DEFAULT_VALID_PATH))
-    assert " the " in text
+def _corrupt(tmp_path, tok, case):
+    """A shard folder broken in one way; returns (dataset_path, the message's key piece)."""
+    folder = make_shards(tmp_path / "bad", [np.arange(40 * WIDTH), np.arange(40 * WIDTH)], tok)
+    shard = os.path.join(folder, "000001-0000.bin")
+    if case == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(100)
+        return folder, "000001-0000.bin has 100 bytes, its metadata records 680 uint16 tokens"
+    if case == "other_dtype":  # written as uint32, recorded as uint16
+        np.arange(40 * WIDTH, dtype="<u4").tofile(shard)
+        return folder, "it is truncated or has another dtype"
+    if case == "missing_shard":
+        os.remove(shard)
+        return folder, "000001-0000.bin is missing"
+    if case == "unreadable_shard":
+        os.chmod(shard, 0)
+        return folder, "cannot be read"
+    if case == "bad_json":
+        (tmp_path / "bad" / "metadata.json").write_text("{not json")
+        return folder, "metadata.json is not valid JSON"
+    if case == "not_ours":
+        (tmp_path / "bad" / "metadata.json").write_text('{"shards": []}')
+        return folder, "is not a tiedmoe token-shard metadata file"
+    if case == "other_tokenizer":
+        other = make_shards(tmp_path / "other", [np.arange(40 * WIDTH)], load_tokenizer(make_hf_tokenizer(tmp_path / "hf")))
+        return other, "was tokenized with a huggingface tokenizer of"
+    if case == "empty_source":
+        (tmp_path / "blank.txt").write_text("\n\n  \n")
+        return str(tmp_path / "blank.txt"), "holds no tokens"
+    if case == "short_source":
+        short = make_shards(tmp_path / "short", [np.arange(WIDTH - 1)], tok)
+        return f"a=1:{folder},b=1:{short}", "source 'b': 16 tokens, fewer than one sample of seq_len + 1 = 17"
+    if case == "smaller_than_a_batch":
+        small = make_shards(tmp_path / "small", [np.arange(5 * WIDTH)], tok)
+        return small, "5 samples of 17 tokens, fewer than one training batch of 8 samples"
+    raise AssertionError(case)
 
 
-# ------------------------------------------------------------------ parquet
-
-
-def _write_parquet(path, columns, row_group_size=2):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)
-
-
-def test_parquet_round_trip(tok, tmp_path):
-    docs = _docs(7)
-    texts = docs[:3] + [None, "", "  "] + docs[3:]  # nulls and blanks are skipped
-    _write_parquet(tmp_path / "p.parquet", {"id": list(range(len(texts))), "text": texts})
-    assert list(iter_documents(str(tmp_path / "p.parquet"))) == docs
-    # parquet and jsonl files mix freely within one source
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(2, start=7)))
-    ds = LocalTextDataset(f"{tmp_path}/*.parquet,{tmp_path}/*.jsonl", tok, SEQ_LEN)
-    assert ds.sources[0].tokens.tolist() == _stream(tok, docs + _docs(2, start=7))
-
-
-def test_parquet_without_text_column_names_file_and_columns(tmp_path):
-    _write_parquet(tmp_path / "bad.parquet", {"body": ["a", "b"], "id": [1, 2]})
+@pytest.mark.parametrize("case", [
+    "truncated", "other_dtype", "missing_shard", "unreadable_shard", "bad_json", "not_ours", "other_tokenizer",
+    "empty_source", "short_source", "smaller_than_a_batch",
+])
+def test_bad_data_is_refused_before_a_run_in_one_line(tok, tmp_path, case):
+    if case == "unreadable_shard" and os.geteuid() == 0:
+        # root reads any file: make the shard a folder, which open() cannot read either
+        folder = make_shards(tmp_path / "bad", [np.arange(40 * WIDTH), np.arange(40 * WIDTH)], tok)
+        os.remove(os.path.join(folder, "000001-0000.bin"))
+        os.mkdir(os.path.join(folder, "000001-0000.bin"))
+        path, piece = folder, "cannot be read"
+    else:
+        path, piece = _corrupt(tmp_path, tok, case)
+    cfg = _job_config(path, batch_size=4, global_batch=8)
+    cfg.validation.enable = False
     with pytest.raises(ValueError) as err:
-        list(iter_documents(str(tmp_path / "bad.parquet")))
-    msg = str(err.value)
-    assert "\n" not in msg
-    assert f"{tmp_path}/bad.parquet: no 'text' column (it has: body, id)" == msg
-
-
-# ------------------------------------------------------------------ mixtures
-
-
-@pytest.fixture
-def mixture(tmp_path):
-    """Three sources in three formats; 'b' is small, so it re-loops often."""
-    docs = {"a": _docs(9), "b": _docs(3, start=9), "c": _docs(8, start=12)}
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs["a"]))
-    (tmp_path / "b.txt").write_text("\n\n".join(docs["b"]) + "\n")
-    _write_parquet(tmp_path / "c.parquet", {"text": docs["c"]})
-    path = f"a=0.5:{tmp_path}/a.jsonl, b=0.2:{tmp_path}/b.txt, c=0.3:{tmp_path}/c.parquet"
-    return path, docs
-
-
-def _windows(tok, docs, j):
-    """Sample j of the circular stream of docs."""
-    stream, width = _stream(tok, docs), SEQ_LEN + 1
-    return [stream[(j * width + i) % len(stream)] for i in range(width)]
-
-
-def test_mixture_realises_weights_and_reloops_each_source(tok, mixture):
-    path, docs = mixture
-    ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
-    assert [(s.name, str(s.weight)) for s in ds.sources] == [("a", "1/2"), ("b", "1/5"), ("c", "3/10")]
-    weights = {"a": 0.5, "b": 0.2, "c": 0.3}
-    counts = dict.fromkeys(docs, 0)
-    for n, (inputs, labels) in enumerate(itertools.islice(ds, 200), start=1):
-        x = inputs["input"].tolist() + labels[-1:].tolist()
-        # the sample is the next window of exactly one source's own stream
-        (name,) = [s for s in docs if x == _windows(tok, docs[s], counts[s])]
-        counts[name] += 1
-        for s, w in weights.items():
-            assert abs(counts[s] - round(w * n)) <= 1, (n, counts)
-    assert counts == {"a": 100, "b": 40, "c": 60}
-    b = ds.sources[1]
-    assert counts["b"] > 3 * ds.samples_in(b)  # 'b' re-looped on its own
-
-
-def test_pick_source_stays_within_one_sample_of_the_weights():
-    rng = random.Random(0)
-    for _ in range(20):
-        raw = [Fraction(rng.randint(1, 50)) for _ in range(rng.randint(2, 8))]
-        weights = [w / sum(raw) for w in raw]
-        counts = [0] * len(weights)
-        for n in range(1, 201):
-            counts[pick_source(weights, counts)] += 1
-            assert all(abs(c - n * w) < 1 for c, w in zip(counts, weights))
-
-
-def test_mixture_is_deterministic_and_logs_each_source(tok, mixture, caplog):
-    path, _ = mixture
-    with caplog.at_level(logging.INFO):
-        runs = [
-            [y.tolist() for _, y in itertools.islice(LocalTextDataset(path, tok, SEQ_LEN, infinite=True), 50)]
-            for _ in range(2)
-        ]
-    assert runs[0] == runs[1]
-    for name, weight in [("a", "0.5"), ("b", "0.2"), ("c", "0.3")]:
-        line = f"training.dataset_path: source '{name}' weight {weight}: 1 files, "
-        assert any(line in m and "documents" in m and "tokens" in m for m in caplog.messages), name
-
-
-def test_mixture_resume_from_dataset_state(tok, mixture):
-    path, _ = mixture
-    ref = [y for _, y in itertools.islice(LocalTextDataset(path, tok, SEQ_LEN, infinite=True), 60)]
-    ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
-    it = iter(ds)
-    for _ in range(37):
-        next(it)
-    state = ds.state_dict()
-    assert {k: v["position"] for k, v in state["sources"].items()} == {"a": 19, "b": 7, "c": 11}
-    resumed = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
-    resumed.load_state_dict(state)
-    rest = [y for _, y in itertools.islice(resumed, 23)]
-    assert all(torch.equal(a, b) for a, b in zip(ref[37:], rest))
-
-
-def test_changed_weights_resume_each_source_where_it_stopped(tok, mixture):
-    path, docs = mixture
-    ds = LocalTextDataset(path, tok, SEQ_LEN, infinite=True)
-    it = iter(ds)
-    for _ in range(20):
-        next(it)
-    state = ds.state_dict()
-    heavier_b = path.replace("a=0.5", "a=0.1").replace("b=0.2", "b=0.6")
-    resumed = LocalTextDataset(heavier_b, tok, SEQ_LEN, infinite=True)
-    resumed.load_state_dict(state)
-    positions = {k: v["position"] for k, v in state["sources"].items()}
-    x = next(iter(resumed))  # the fresh interleaving starts with b, at its saved position
-    assert x[0]["input"].tolist() + x[1][-1:].tolist() == _windows(tok, docs["b"], positions["b"])
-    # a checkpoint from before mixtures (one sample index) resumes a single source
-    single = LocalTextDataset(f"{path.split(',')[0].split(':', 1)[1]}", tok, SEQ_LEN)
-    single.load_state_dict({"sample_idx": 2, "num_tokens": len(single.sources[0].tokens), "seq_len": SEQ_LEN})
-    assert next(iter(single))[1].tolist() == _windows(tok, docs["a"], 2)[1:]
-
-
-def test_validation_accepts_mixtures_and_ends_with_a_source(tok, mixture):
-    path, docs = mixture
-    val = build_local_validation_dataloader(1, 0, tok, _job_config(path))
-    a, b = list(val), list(val)
-    assert len(a) > 1 and all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
-    ds = val.dataset
-    # the pass stopped because one source had no sample left
-    assert any(p >= ds.samples_in(s) for p, s in zip(ds._positions, ds.sources))
-
-
-def test_equals_sign_in_a_directory_is_still_a_plain_glob(tok, tmp_path):
-    (tmp_path / "year=2024").mkdir()
-    (tmp_path / "year=2024" / "d.jsonl").write_text('{"text": "hi there"}\n')
-    (source,) = LocalTextDataset(f"{tmp_path}/year=2024/*.jsonl", tok, SEQ_LEN).sources
-    assert (source.name, source.weight, len(source.files)) == ("data", 1, 1)
+        check_data(cfg, tok, dp_world_size=2)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("training.dataset_path") and piece in message, message
 
 
 @pytest.mark.parametrize(
     "value, error, piece",
     [
+        (None, ValueError, "training.dataset_path is not set"),
+        ("{tmp}/missing/*.jsonl", FileNotFoundError, "matched no files or token-shard folders"),
+        ("{tmp}/notes.md", ValueError, "is not a .txt, .jsonl or .parquet file"),
         ("web=abc:{tmp}/ok.jsonl", ValueError, "source 'web' has weight 'abc'; write NAME=WEIGHT:GLOB"),
         ("web=0:{tmp}/ok.jsonl", ValueError, "source 'web' has weight '0'"),
-        ("web=-1:{tmp}/ok.jsonl", ValueError, "source 'web' has weight '-1'"),
         ("web=1:{tmp}/ok.jsonl,web=2:{tmp}/ok.jsonl", ValueError, "source name 'web' is used twice"),
         ("{tmp}/ok.jsonl,web=1:{tmp}/ok.jsonl", ValueError, "has no NAME=WEIGHT: prefix"),
         ("web=1:", ValueError, "source 'web' has no glob"),
@@ -455,16 +460,28 @@ def test_equals_sign_in_a_directory_is_still_a_plain_glob(tok, tmp_path):
         ("web=0.7{tmp}/ok.jsonl", FileNotFoundError, "(a weighted source is written NAME=WEIGHT:GLOB)"),
     ],
 )
-def test_bad_weight_syntax_is_one_line_naming_the_setting(tok, tmp_path, value, error, piece):
+def test_bad_dataset_path_is_one_line_naming_the_setting(tok, tmp_path, value, error, piece):
     (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')
-    value = value.format(tmp=tmp_path)
-    for check in (
-        lambda: build_local_text_dataloader(1, 0, tok, _job_config(value)),
-        lambda: resolve_dataset_files(value, "training.dataset_path"),  # the up-front config check
+    (tmp_path / "notes.md").write_text("# notes\n")
+    value = value.format(tmp=tmp_path) if value else value
+    for section, check in (
+        ("training", lambda: build_local_text_dataloader(1, 0, tok, _job_config(value))),
+        ("training", lambda: resolve_dataset_files(value, "training.dataset_path")),
+        ("validation", lambda: build_local_validation_dataloader(1, 0, tok, _job_config(DEFAULT_TRAIN_PATH, val_path=value or ""))),
     ):
         with pytest.raises(error) as err:
             check()
         msg = str(err.value)
-        assert "\n" not in msg and msg.startswith("training.dataset_path") and piece in msg, msg
-    with pytest.raises(error, match="^validation.dataset_path"):
-        build_local_validation_dataloader(1, 0, tok, _job_config(DEFAULT_TRAIN_PATH, val_path=value))
+        assert "\n" not in msg and msg.startswith(f"{section}.dataset_path") and piece.replace("training", section) in msg, msg
+
+
+def test_shard_folder_is_named_by_folder_or_metadata_and_mixes_with_text(tok, tmp_path):
+    (tmp_path / "year=2024").mkdir()  # '=' in a directory is still a plain glob
+    folder = make_shards(tmp_path / "year=2024" / "shards", [np.arange(3 * WIDTH)], tok)
+    (tmp_path / "t.jsonl").write_text('{"text": "hi there"}\n')
+    by_folder = open_sources(f"{folder},{tmp_path}/t.jsonl", tok, "training.dataset_path")
+    by_meta = open_sources(f"{tmp_path}/year=2024/*/metadata.json,{tmp_path}/t.jsonl", tok, "training.dataset_path")
+    for (source,) in (by_folder, by_meta):
+        assert (source.name, source.weight) == ("data", 1)
+        assert source.shards.num_tokens == 3 * WIDTH + len(tok.encode("hi there", add_bos=True, add_eos=True))
+        assert source.shards.folders[0] == folder

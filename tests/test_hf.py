@@ -4,6 +4,7 @@ training continued from an import with tiedmoe-train."""
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -190,23 +191,50 @@ def test_import_then_export_reproduces_the_checkpoint(tmp_path, capsys, family, 
     assert all(torch.equal(original[k], back[k]) for k in original)
 
 
-def test_imported_checkpoint_trains_and_exports(tmp_path, capsys):
-    """tiedmoe-train loads an import (tied, G=2) and trains; its checkpoint exports."""
+def test_imported_checkpoint_trains_with_its_own_tokenizer_evaluates_and_exports(tmp_path, capsys):
+    """An import (tied, G=2) of a model folder with its Hugging Face tokenizer (a tiny BPE
+    built here) copies the tokenizer and records it; the corpus is tokenized with it into
+    shards (tiedmoe-data tokenize), tiedmoe-train continues from the import on them,
+    tiedmoe-eval scores the result, and it exports. Another tokenizer is refused."""
+    from tiny_bpe import make_hf_tokenizer
+
+    from tiedmoe_titan.assets import DEFAULT_TOKENIZER_PATH, DEFAULT_TRAIN_PATH, DEFAULT_VALID_PATH
+    from tiedmoe_titan.data.cli import main as data_main
+    from tiedmoe_titan.eval import main as eval_main
+
     _, hf_dir = hf_checkpoint(tmp_path, "olmoe")
+    make_hf_tokenizer(hf_dir, vocab_size=400)
     base = os.path.abspath("recipes/debug_cpu.toml")
-    assert run_cli(import_main, [hf_dir, tmp_path / "out", *TIE_FLAGS[2], "--extends", base], capsys)[0] == 0
+    code, out, _ = run_cli(import_main, [hf_dir, tmp_path / "out", *TIE_FLAGS[2], "--extends", base], capsys)
+    assert code == 0 and "tokenizer of" in out and "the recipe uses it" in out
+    recipe = tmp_path / "out" / "recipe.toml"
+    assert f'hf_assets_path = "{tmp_path / "out" / "tokenizer"}"' in recipe.read_text()
+    assert sorted(os.listdir(tmp_path / "out" / "tokenizer")) == ["tokenizer.json", "tokenizer_config.json"]
+
+    shards = tmp_path / "shards"
+    assert run_cli(data_main, ["tokenize", "--input", DEFAULT_TRAIN_PATH, "--tokenizer", str(tmp_path / "out" / "tokenizer"),
+                               "--output-dir", str(shards), "--workers", "1"], capsys)[0] == 0
     dump = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "tiedmoe_titan.train", str(tmp_path / "out" / "recipe.toml"), "--job.dump_folder", str(dump),
-        "--training.steps", "2", "--training.seq_len", "32", "--training.local_batch_size", "2",
-        "--metrics.log_freq", "1", "--validation.no-enable", "--metrics.no-enable-tensorboard",
+        sys.executable, "-m", "tiedmoe_titan.train", str(recipe), "--job.dump_folder", str(dump),
+        "--training.dataset_path", str(shards), "--training.steps", "2", "--training.seq_len", "32",
+        "--training.local_batch_size", "2", "--metrics.log_freq", "1", "--validation.no-enable", "--metrics.no-enable-tensorboard",
     ]
+    wrong = subprocess.run([*cmd, "--model.hf_assets_path", DEFAULT_TOKENIZER_PATH], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr[-3000:]
+    assert re.search(r"model.hf_assets_path is a sentencepiece tokenizer of 2,048 ids .* was trained with a huggingface "
+                     r"tokenizer of \d+ ids", wrong.stderr) and not dump.exists()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     log = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
     assert f"Loading the checkpoint from {tmp_path / 'out' / 'model'}" in log
     losses = [float(v) for v in re.findall(r"step:\s*\d+\s.*?loss:\s*([0-9.]+)", log)]
     assert len(losses) == 2 and all(l == l for l in losses)
+
+    code, printed, err = run_cli(eval_main, [dump / "checkpoint", "--data", DEFAULT_VALID_PATH, "--seq-len", "32", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert 0 < result["loss"] < 2 * math.log(400) and "out/tokenizer" in err  # scored with the model's own tokenizer
 
     code, _, err = run_cli(export_main, [dump / "checkpoint", tmp_path / "exported", "--format", "hf-untied"], capsys)
     assert code == 0, err

@@ -27,9 +27,26 @@ def test_the_grid_is_complete():
         assert {f"regular_{v}.toml" for v in ("g1", "g2", "g4", "g4_x2", "g4_x4", "narrow")} <= names
 
 
+@pytest.fixture(scope="module")
+def cluster_corpus(tmp_path_factory):
+    """Token shards with enough samples for one batch of the biggest recipe (the recipes
+    point at the bundled corpus, far too small for a 64-GPU global batch)."""
+    import numpy as np
+    from test_data import make_shards
+
+    from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
+
+    need = 0
+    for recipe in RECIPES:
+        t, v, world = (c := parse_recipe(recipe)).training, c.validation, world_size(c)
+        need = max(need, (t.seq_len + 1) * max(t.global_batch_size, t.local_batch_size * world), (v.seq_len + 1) * v.local_batch_size * world)
+    folder = tmp_path_factory.mktemp("cluster_corpus") / "shards"
+    return make_shards(folder, [np.arange(need) % 2048], load_tokenizer(DEFAULT_TOKENIZER_PATH))
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_parses_plans_and_checks(recipe):
-    job_config = parse_recipe(recipe)
+def test_recipe_parses_plans_and_checks(recipe, cluster_corpus):
+    job_config = parse_recipe(recipe, ["--training.dataset_path", cluster_corpus, "--validation.dataset_path", cluster_corpus])
     p = plan(job_config)
     assert p["total_params"] > 0 and p["active_params"] <= p["total_params"]
     world = world_size(job_config)

@@ -1,4 +1,4 @@
-"""Tests for tiedmoe_titan.tokenizer (bundled model, builder, offline trainer)."""
+"""Tests for tiedmoe_titan.tokenizer (bundled model, builder) and `tiedmoe-data train-tokenizer`."""
 
 import json
 import os
@@ -16,8 +16,8 @@ from tiedmoe_titan.tokenizer import (
     UNK_ID,
     SentencePieceTokenizer,
     build_sentencepiece_tokenizer,
-    main,
 )
+from tiedmoe_titan.data.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_cli_trains_a_working_model(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     (tmp_path / "b.txt").write_text("\n\n".join(docs) + "\n")
     out = tmp_path / "out" / "tiny.model"
-    rc = main(["train", "--input", str(tmp_path / "*.jsonl"), "--input", str(tmp_path / "*.txt"),
+    rc = main(["train-tokenizer", "--input", str(tmp_path / "*.jsonl"), "--input", str(tmp_path / "*.txt"),
                "--vocab-size", "300", "--output", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -115,9 +115,9 @@ def test_cli_trains_a_working_model(tmp_path, capsys):
 
 def test_cli_rejects_bad_output_and_missing_input(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("some text\n")
-    bad_out = main(["train", "--input", str(tmp_path / "a.txt"), "--vocab-size", "300",
+    bad_out = main(["train-tokenizer", "--input", str(tmp_path / "a.txt"), "--vocab-size", "300",
                     "--output", str(tmp_path / "tokenizer.model")])
-    missing = main(["train", "--input", str(tmp_path / "*.jsonl"), "--vocab-size", "300",
+    missing = main(["train-tokenizer", "--input", str(tmp_path / "*.jsonl"), "--vocab-size", "300",
                     "--output", str(tmp_path / "x.model")])
     err = capsys.readouterr().err
     assert bad_out == 2 and missing == 2

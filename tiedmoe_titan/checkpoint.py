@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.tools.logging import logger
 
 from .models.moe import tied_moe_layers
+from .tokenizer import tokenizer_identity
 
 STEP = re.compile(r"^step-(\d+)$")
 
@@ -78,6 +80,33 @@ def saved_ranks(checkpoint_dir: str, prefix: str) -> int:
 
     metadata = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
     return len({key[len(prefix):].split(".")[0] for key in metadata if key.startswith(prefix)})
+
+
+TOKENIZER_RECORD = "tokenizer_identity.json"  # next to a checkpoint: what it was trained with
+
+
+def record_tokenizer(checkpoint_dir: str, tokenizer) -> None:
+    """Record the tokenizer a checkpoint's model was trained with (``tokenizer_identity``)."""
+    with open(os.path.join(checkpoint_dir, TOKENIZER_RECORD), "w") as f:
+        json.dump(tokenizer_identity(tokenizer), f, indent=1, sort_keys=True)
+
+
+def tokenizer_mismatch(checkpoint_dir: str, tokenizer, key: str = "model.hf_assets_path") -> str | None:
+    """One line if ``checkpoint_dir`` records another tokenizer than ``tokenizer``, else None.
+    Compared by identity (a hash of its files), not size: vocabularies are padded."""
+    path = os.path.join(checkpoint_dir, TOKENIZER_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        recorded = json.load(f)
+    now = tokenizer_identity(tokenizer)
+    if recorded.get("sha256") == now["sha256"]:
+        return None
+    return (
+        f"{key} is a {now['kind']} tokenizer of {now['vocab_size']:,} ids (sha256 {now['sha256'][:12]}), but {checkpoint_dir} "
+        f"was trained with a {recorded.get('kind')} tokenizer of {recorded.get('vocab_size', 0):,} ids (sha256 "
+        f"{str(recorded.get('sha256'))[:12]}): point {key} at that tokenizer (tiedmoe-import copies it next to the checkpoint)"
+    )
 
 
 class CheckpointMismatch(ValueError):

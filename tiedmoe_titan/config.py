@@ -7,7 +7,8 @@ key (``--tying.group_size 4``):
 
 * ``[tying]``: which layers share a bank of routed experts (see ``tiedmoe_titan.tying``);
 * ``[routing]``: the router's training objective (aux loss, z-loss, expert bias);
-* ``[nan_guard]``: how many non-finite steps to skip before stopping.
+* ``[nan_guard]``: how many non-finite steps to skip before stopping;
+* ``[data]``: the order of the training samples (shuffle, seed; ``tiedmoe_titan.data``).
 
 A recipe may start with ``extends = "other.toml"`` (a path relative to the recipe):
 it then holds only what differs from that recipe; tables merge key by key.
@@ -26,7 +27,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import NanGuardConfig
+from .checkpoint import NanGuardConfig, tokenizer_mismatch
+from .data import DataConfig
 from .models.family import RoutingConfig
 from .muon import OptimizerWithMuon
 from .tying import TieConfig
@@ -45,6 +47,7 @@ class JobConfig:
     tying: TieConfig = field(default_factory=TieConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerWithMuon = field(default_factory=OptimizerWithMuon)  # merged into torchtitan's [optimizer]
 
 
@@ -276,7 +279,7 @@ def parallel_dims_of(job_config, world_size: int):
 
 def check_run(job_config, world_size: int) -> None:
     """Everything that must hold before ``tiedmoe-train`` builds anything."""
-    from .data import resolve_dataset_files
+    from .data import check_data, resolve_dataset_files
     from .parallelize import UnsupportedParallelism, check_parallelism
     from .tokenizer import load_tokenizer
 
@@ -297,14 +300,22 @@ def check_run(job_config, world_size: int) -> None:
         resolve_dataset_files(training.dataset_path, "training.dataset_path")
         if job_config.validation.enable:
             resolve_dataset_files(job_config.validation.dataset_path, "validation.dataset_path")
-        vocab = load_tokenizer(job_config.model.hf_assets_path).get_vocab_size()
+        tokenizer = load_tokenizer(job_config.model.hf_assets_path)
     except (ValueError, FileNotFoundError) as e:
         raise RecipeError(str(e)) from None
+    vocab = tokenizer.get_vocab_size()
     if vocab > args.vocab_size:
         raise RecipeError(
             f"model.hf_assets_path: the tokenizer has {vocab} tokens, more than the {args.vocab_size} of "
             f"{job_config.model.name} / {job_config.model.flavor}: use a matching tokenizer or flavor"
         )
+    initial = job_config.checkpoint.initial_load_path
+    if initial and (mismatch := tokenizer_mismatch(initial, tokenizer)):
+        raise RecipeError(mismatch)
+    try:  # opens the data as the loaders will (text inputs: tokenized once into the cache)
+        check_data(job_config, tokenizer, dp)
+    except (ValueError, FileNotFoundError) as e:
+        raise RecipeError(str(e)) from None
 
 
 # ---- the resolved recipe ------------------------------------------------------------

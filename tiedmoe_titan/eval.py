@@ -17,14 +17,14 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import RecipeError, model_args_of, parse_recipe
-from .data import LocalTextDataset, resolve_dataset_files
+from .data import open_sources, resolve_dataset_files
 from .hf.checkpoints import ProjectModel, find_recipe, find_step, read_model_state, single_process
 from .hf.errors import HFInteropError
 from .spec import SPEC_PREFIX
@@ -85,16 +85,18 @@ def evaluate(
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.model_args.max_seq_len} (its RoPE cache)")
     tokenizer = load_tokenizer(tokenizer_path or job_config.model.hf_assets_path, "--tokenizer" if tokenizer_path else "model.hf_assets_path")
     progress(f"model of {recipe} from {step_dir}; tokenizer {tokenizer.model_path}; seq_len {seq_len}")
-    dataset = LocalTextDataset(data, tokenizer, seq_len=seq_len, config_key="--data")
-    windows = sum(dataset.samples_in(source) for source in dataset.sources)
+    sources = open_sources(data, tokenizer, "--data", log=progress)
+    width = seq_len + 1
+    windows = sum(source.shards.num_tokens // width for source in sources)
     if windows == 0:
-        raise ValueError(f"--data {data}: fewer tokens than one window of seq_len + 1 = {seq_len + 1}")
-    progress(f"{windows} windows of {seq_len + 1} tokens from {len(dataset.files)} file(s)")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        raise ValueError(f"--data {data}: fewer tokens than one window of seq_len + 1 = {width}")
+    progress(f"{windows} windows of {width} tokens from {len(sources)} source(s)")
+    loader = _windows(sources, width, batch_size)
     loss_sum, scored, done, start, last_report = 0.0, 0, 0, time.perf_counter(), time.perf_counter()
     with torch.no_grad():
-        for inputs, labels in loader:
-            logits = model(inputs["input"])
+        for batch in loader:
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+            logits = model(inputs)
             loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
             scored += labels.numel()
             done += len(labels)
@@ -105,10 +107,23 @@ def evaluate(
     return EvalResult(step_dir, recipe, data, loss, math.exp(loss), scored, done, seq_len, time.perf_counter() - start)
 
 
+def _windows(sources, width: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Every window of every source, in order, ``batch_size`` at a time."""
+    batch = []
+    for source in sources:
+        for j in range(source.shards.num_tokens // width):
+            batch.append(torch.from_numpy(source.shards.read(j * width, width)))
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step-N folder written by tiedmoe-train, or its checkpoint folder (latest step)")
-    parser.add_argument("--data", required=True, help="held-out text: .txt / .jsonl / .parquet globs, comma-separated")
+    parser.add_argument("--data", required=True, help="held-out data: .txt / .jsonl / .parquet globs or token-shard folders, comma-separated")
     parser.add_argument("--recipe", help="the run's recipe (default: recipe.resolved.toml above CHECKPOINT)")
     parser.add_argument("--tokenizer", help="SentencePiece .model or Hugging Face tokenizer folder (default: the recipe's model.hf_assets_path)")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the recipe's training.seq_len)")

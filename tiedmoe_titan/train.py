@@ -106,12 +106,12 @@ class TiedMoETrainer(Trainer):
             check_compatible(checkpoint_dir, self.checkpointer.states["model"].state_dict())
             if not saved_ranks(checkpoint_dir, f"{ScheduleState.KEY}."):
                 self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, ScheduleState.KEY]
-            data_ranks = saved_ranks(checkpoint_dir, "dataloader.dp_rank_")
-            if data_ranks and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
-                try:
-                    self.dataloader.resume_from_ranks(data_ranks)
-                except ValueError as e:
-                    raise CheckpointMismatch(f"step-{step}: {e}") from None
+            if saved_ranks(checkpoint_dir, "dataloader.dp_rank_") and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
+                raise CheckpointMismatch(
+                    f"step-{step} holds per-rank text-stream data positions (tiedmoe_titan before token shards), which the "
+                    "shard loader cannot continue: pass --checkpoint.exclude_from_loading dataloader to keep the model and "
+                    "optimizer and read the data from its start"
+                )
             rng_ranks, world = saved_ranks(checkpoint_dir, f"{RngState.KEY}.rank_"), torch.distributed.get_world_size()
             if rng_ranks != world:
                 logger.info(f"step-{step} holds the RNG states of {rng_ranks} ranks, this run has {world}: not restored")
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     _single_process_env()
     # torchdata's loader calls an API torch deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    init_logger()
     try:
         job_config = parse_recipe(argv[0], argv[1:])
         check_run(job_config, int(os.environ["WORLD_SIZE"]))
@@ -227,7 +228,6 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"tiedmoe-train: {finished}", flush=True)
         return
-    init_logger()
     if os.environ.get("RANK", "0") == "0":
         path = write_resolved_recipe(job_config, job_config.job.dump_folder)
         logger.info(f"Seed {job_config.debug.seed}; resolved recipe saved to {path}")

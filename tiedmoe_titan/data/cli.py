@@ -14,6 +14,7 @@ from ..assets.stdlib_corpus import build_stdlib_corpus
 from .shard_format import DTYPES
 from .sidecar import describe
 from .tokenize import DEFAULT_DOCS_PER_SHARD, finalize, tokenize
+from .train_tokenizer import train_sentencepiece
 
 PROG = "tiedmoe-data"
 
@@ -46,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     desc.add_argument("--tokenizer", required=True, metavar="PATH")
     desc.add_argument("--dtype", required=True, choices=sorted(DTYPES))
 
+    train = sub.add_parser("train-tokenizer", help="train a SentencePiece model on local .txt/.jsonl files")
+    train.add_argument("--input", action="append", required=True, metavar="GLOB",
+                       help="file glob (.txt: blank-line-separated documents, .jsonl: 'text' field); repeatable")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--output", required=True, metavar="PATH.model")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--num-threads", type=int, default=2)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "build-corpus":
@@ -53,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "tokenize":
             tokenize(args.input, args.tokenizer, args.output_dir, args.workers, args.docs_per_shard,
                      args.task_index, args.num_tasks)
+        elif args.command == "train-tokenizer":
+            train_sentencepiece(args.input, args.vocab_size, args.output, args.model_type, args.num_threads)
         elif args.command == "finalize":
             finalize(args.output_dir)
         else:

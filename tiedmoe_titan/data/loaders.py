@@ -1,68 +1,58 @@
-"""torchtitan loader and validator builders over local data (TrainSpec entry points)."""
+"""torchtitan loader and validator builders over token shards (TrainSpec entry points)."""
 
 from __future__ import annotations
 
-import pickle
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 
-from .dataset import LocalTextDataset
+from .corpus import open_sources
+from .dataset import DataPosition, ShardDataset
 
 if TYPE_CHECKING:  # importing validate pulls in pipelining; only needed for typing
     from torchtitan.components.validate import BaseValidator
 
+POSITION_KEY = "position"
 
-class LocalTextDataloader(ParallelAwareDataloader):
-    """torchtitan's loader, which can also resume after a data-parallel size change.
 
-    torchtitan 0.2.2 keeps one data position per data-parallel rank and refuses
-    another number of ranks. Here every rank draws the same number of samples of each
-    source per step, so any rank's position gives the global sample count of each
-    source (``position x old ranks``); a resharded resume spreads it over the new
-    ranks. Each rank's documents change with the rank count, so this is approximate:
-    the data resumes at the same fraction of each source, and a few documents at the
-    boundary may be seen twice or not at all. The trainer calls
-    :meth:`resume_from_ranks` before the checkpoint is loaded.
+class ShardDataloader(ParallelAwareDataloader):
+    """torchtitan's loader with one global data position instead of one per rank.
+
+    torchtitan 0.2.2 checkpoints each data-parallel rank's loader state
+    (``dataloader.dp_rank_N``) and refuses another number of ranks.  Here the state
+    is the global position (``dataset.py``): how many draws each source has served.
+    It counts what was handed to the trainer, not what workers prefetched, so it is
+    exact with any ``num_workers``; it is the same on every rank (checkpointed once),
+    and a run resumed on another data-parallel size at the same global batch size
+    continues at exactly the next global sample.
+
+    ``track_position=False`` (validation): every pass starts at the first sample.
     """
 
-    def __init__(self, dataset: LocalTextDataset, dp_rank: int, dp_world_size: int, **kwargs) -> None:
+    def __init__(self, dataset: ShardDataset, dp_rank: int, dp_world_size: int, track_position: bool = True, **kwargs) -> None:
         super().__init__(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
-        self._saved_ranks = dp_world_size
+        self.track_position = track_position
+        self.position = DataPosition([0] * len(dataset.sources))
 
-    def resume_from_ranks(self, saved_ranks: int) -> None:
-        """The checkpoint about to be loaded holds the positions of ``saved_ranks`` ranks."""
-        if saved_ranks != self.dp_world_size and self.num_workers > 0:
-            raise ValueError(
-                f"the checkpoint holds the data positions of {saved_ranks} data-parallel ranks, this run has "
-                f"{self.dp_world_size}: a resharded data position needs training.dataloader.num_workers = 0 "
-                "(or pass --checkpoint.exclude_from_loading dataloader to restart the data stream)"
-            )
-        self._saved_ranks = saved_ranks
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.position = self.position.copy() if self.track_position else DataPosition([0] * len(self.dataset.sources))
+        for batch in super().__iter__():
+            if self.track_position:
+                self.dataset.advance(self.position)
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        if self._saved_ranks == self.dp_world_size:
-            return super().state_dict()
-        # What to load from a checkpoint of another rank count: rank 0's position.
-        return {"dp_rank_0": b"", "world_size": self._saved_ranks}
+        return {POSITION_KEY: json.dumps(self.dataset.position_state(self.position), sort_keys=True)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._saved_ranks == self.dp_world_size:
-            super().load_state_dict(state_dict)
-            return
-        loader_state = pickle.loads(state_dict["dp_rank_0"])
-        loader_state["dataset_state"] = self.dataset.rescale_state(
-            loader_state["dataset_state"], self._saved_ranks, self.dp_world_size
-        )
-        StatefulDataLoader.load_state_dict(self, loader_state)
-        self._saved_ranks = self.dp_world_size
+        self.position = self.dataset.load_position(json.loads(state_dict[POSITION_KEY]))
 
 
 def _build_loader(
@@ -72,24 +62,27 @@ def _build_loader(
     dp_rank: int,
     dp_world_size: int,
     infinite: bool,
-    restart_each_pass: bool = False,
-) -> LocalTextDataloader:
+    shuffle: bool,
+    seed: int,
+    track_position: bool,
+) -> ShardDataloader:
     """A loader over ``section.dataset_path`` (``section`` is the recipe's [training]
     or [validation]), wrapped like torchtitan does: its dataloader kwargs + batch size."""
-    dataset = LocalTextDataset(
-        section.dataset_path,
-        tokenizer,
+    dataset = ShardDataset(
+        open_sources(section.dataset_path, tokenizer, config_key),
         seq_len=section.seq_len,
+        local_batch_size=section.local_batch_size,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
+        shuffle=shuffle,
+        seed=seed,
         infinite=infinite,
-        restart_each_pass=restart_each_pass,
         config_key=config_key,
     )
     # The loader draws a seed each time it starts iterating (for workers); its own
     # generator keeps that draw off the training RNG, which a resumed run restores.
     kwargs = {**asdict(section.dataloader), "batch_size": section.local_batch_size, "generator": torch.Generator()}
-    return LocalTextDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
+    return ShardDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, track_position=track_position, **kwargs)
 
 
 def build_local_text_dataloader(
@@ -98,13 +91,17 @@ def build_local_text_dataloader(
     tokenizer: BaseTokenizer,
     job_config: JobConfig,
     infinite: bool = True,
-) -> LocalTextDataloader:
-    """Training loader over ``job_config.training.dataset_path``.
+) -> ShardDataloader:
+    """Training loader over ``job_config.training.dataset_path``, in ``[data]``'s order.
 
     Same signature as torchtitan's ``build_text_dataloader``;
     ``training.dataset`` (a HuggingFace dataset name) is ignored.
     """
-    return _build_loader(job_config.training, "training.dataset_path", tokenizer, dp_rank, dp_world_size, infinite)
+    data = job_config.data
+    return _build_loader(
+        job_config.training, "training.dataset_path", tokenizer, dp_rank, dp_world_size, infinite,
+        shuffle=data.shuffle, seed=data.seed, track_position=True,
+    )
 
 
 def build_local_validation_dataloader(
@@ -113,15 +110,16 @@ def build_local_validation_dataloader(
     tokenizer: BaseTokenizer,
     job_config: JobConfig,
     infinite: bool = False,
-) -> LocalTextDataloader:
-    """Validation loader over ``job_config.validation.dataset_path``.
+) -> ShardDataloader:
+    """Validation loader over ``job_config.validation.dataset_path``, in file order.
 
     Same signature as torchtitan's ``build_text_validation_dataloader``.  Unlike
     torchtitan's, every evaluation restarts at the first sample, so losses at
     different steps are measured on the same batches.
     """
     return _build_loader(
-        job_config.validation, "validation.dataset_path", tokenizer, dp_rank, dp_world_size, infinite, restart_each_pass=True
+        job_config.validation, "validation.dataset_path", tokenizer, dp_rank, dp_world_size, infinite,
+        shuffle=False, seed=0, track_position=False,
     )
 
 

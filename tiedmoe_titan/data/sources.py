@@ -1,7 +1,9 @@
 """Parsing ``dataset_path`` into weighted sources of files.
 
-``training.dataset_path`` (or ``validation.dataset_path``) lists file globs,
-separated by commas.  Plain globs (``"corpus/*.jsonl,notes/*.txt"``) make one
+``training.dataset_path`` (or ``validation.dataset_path``) lists globs, separated
+by commas, of text files (``.txt``, ``.jsonl``, ``.parquet``) and of token-shard
+folders (``tiedmoe-data tokenize`` output: a folder with a ``metadata.json``; the
+glob may name the folder or its ``metadata.json``).  Plain globs (``"corpus/*.jsonl,notes/*.txt"``) make one
 source.  For a weighted mixture, start each source with ``NAME=WEIGHT:``; a glob
 without the prefix belongs to the source before it::
 
@@ -17,12 +19,12 @@ from __future__ import annotations
 import glob
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
-import torch
-
 from ..assets import DEFAULT_TRAIN_PATH, DEFAULT_VALID_PATH
+from .shard_format import METADATA
+from .shards import is_shard_folder
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _SUFFIXES_TEXT = ".txt, .jsonl or .parquet"
@@ -35,13 +37,19 @@ _SOURCE_NAME = re.compile(r"[A-Za-z_][\w.-]*")
 
 @dataclass
 class DataSource:
-    """One source of a ``dataset_path``; the dataset fills in the token fields."""
+    """One source of a ``dataset_path``: its text files and token-shard folders, in order."""
 
     name: str
     weight: Fraction  # normalised: the weights of all sources sum to 1
     files: list[str]
-    doc_indices: list[int] = field(default_factory=list)  # this rank's documents
-    tokens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
+
+    @property
+    def shard_folders(self) -> list[str]:
+        return [f for f in self.files if os.path.isdir(f)]
+
+    @property
+    def text_files(self) -> list[str]:
+        return [f for f in self.files if not os.path.isdir(f)]
 
 
 def parse_dataset_sources(
@@ -54,7 +62,7 @@ def parse_dataset_sources(
     """
     if dataset_path is None or not str(dataset_path).strip():
         raise ValueError(
-            f"{config_key} is not set: give comma-separated {_SUFFIXES_TEXT} file globs, "
+            f"{config_key} is not set: give comma-separated globs of {_SUFFIXES_TEXT} files or token-shard folders, "
             f"e.g. {_default_for(config_key)}, or weighted sources NAME=WEIGHT:GLOB,..."
         )
     groups: list[tuple[str | None, Fraction, list[str]]] = []  # (name, weight, globs)
@@ -111,23 +119,33 @@ def _parse_weight(name: str, weight: str, config_key: str) -> Fraction:
 
 
 def _expand_globs(patterns: list[str], config_key: str, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[str]:
-    """Files of a source's globs: globs in the given order, matches of one glob
-    sorted (so the order does not depend on the file system), each file once."""
+    """Files and shard folders of a source's globs: globs in the given order, matches
+    of one glob sorted (so the order does not depend on the file system), each once."""
     files: dict[str, None] = {}  # an ordered set
     for pattern in patterns:
         matches = sorted(
-            p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+            _shard_folder_of(p) or p
+            for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+            if os.path.isfile(p) or is_shard_folder(p)
         )
         if not matches:
             hint = " (a weighted source is written NAME=WEIGHT:GLOB)" if "=" in pattern else ""
-            raise FileNotFoundError(f"{config_key}: glob '{pattern}' matched no files{hint}")
+            raise FileNotFoundError(f"{config_key}: glob '{pattern}' matched no files or token-shard folders{hint}")
         for path in matches:
+            if os.path.isdir(path):
+                files[path] = None
+                continue
             if not path.endswith(suffixes):
                 raise ValueError(
                     f"{config_key}: '{path}' (from glob '{pattern}') is not a {_SUFFIXES_TEXT if suffixes == SUPPORTED_SUFFIXES else ', '.join(suffixes)} file"
                 )
             files[path] = None
     return list(files)
+
+
+def _shard_folder_of(path: str) -> str | None:
+    """The folder of a ``metadata.json`` that a glob named directly."""
+    return (os.path.dirname(path) or ".") if os.path.basename(path) == METADATA else None
 
 
 def resolve_dataset_files(

@@ -2,7 +2,7 @@
 
 Why not at training start: tokenizing is ~1 s per million tokens per core, so a
 billion-token corpus would cost every (re)start hours.  Done once here, training
-memory-maps the result (``shard_format.py``).
+reads the result (``shard_format.py``, ``shards.py``).
 
 How the work is cut, so that the bytes never depend on how it was run:
 
@@ -34,6 +34,7 @@ import itertools
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -155,6 +156,11 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_path: str, progress: Any) -> None:
+    # A forked worker inherits its parent's handlers (a trainer's preemption handler):
+    # the pool ends its workers with SIGTERM, and a stop belongs to the parent.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     single_thread_tokenizers()
     _worker["tokenizer"] = load_tokenizer(tokenizer_path, "--tokenizer")
     _worker["progress"] = progress

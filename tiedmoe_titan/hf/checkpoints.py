@@ -31,7 +31,7 @@ from .state_dict import HF_ARCHITECTURES
 
 RESOLVED_RECIPE = "recipe.resolved.toml"
 RECIPE_SEARCH_DEPTH = 4  # folders above a step folder searched for the resolved recipe
-IMPORT_MODEL, IMPORT_FLAVOR, IMPORT_RECIPE = "model", "flavor.json", "recipe.toml"
+IMPORT_MODEL, IMPORT_FLAVOR, IMPORT_RECIPE, IMPORT_TOKENIZER = "model", "flavor.json", "recipe.toml", "tokenizer"
 
 
 @dataclass
@@ -109,21 +109,22 @@ def read_model_state(step_dir: str, model: ProjectModel, recipe: str) -> dict[st
 
 
 def write_import(
-    outdir: str, family: str, args: TiedQwen3ModelArgs, tying: TieConfig, state: dict[str, torch.Tensor], source: str, extends: str | None
+    outdir: str, family: str, args: TiedQwen3ModelArgs, tying: TieConfig, state: dict[str, torch.Tensor], source: str,
+    extends: str | None, tokenizer_dir: str | None = None,
 ) -> str:
     """Write an imported model so tiedmoe-train can continue pretraining it; returns the recipe.
 
     ``outdir/model`` is a model-only DCP checkpoint (torchtitan loads it through
     ``checkpoint.initial_load_path`` / ``initial_load_model_only``), ``outdir/flavor.json``
-    the model's shape, and ``outdir/recipe.toml`` names both with the tie layout. Its
-    paths are absolute, so a recipe anywhere may ``extends`` it."""
+    the model's shape, and ``outdir/recipe.toml`` names both with the tie layout (and the
+    copied tokenizer, if any). Its paths are absolute, so a recipe anywhere may ``extends`` it."""
     outdir = os.path.abspath(outdir)
     with single_process():
         dcp.save(state, checkpoint_id=os.path.join(outdir, IMPORT_MODEL))
     write_flavor_file(args, os.path.join(outdir, IMPORT_FLAVOR))
     recipe = {
         "extends": os.path.abspath(extends) if extends else None,
-        "model": {"name": SPEC_PREFIX + family, "flavor": os.path.join(outdir, IMPORT_FLAVOR)},
+        "model": {"name": SPEC_PREFIX + family, "flavor": os.path.join(outdir, IMPORT_FLAVOR), "hf_assets_path": tokenizer_dir},
         "tying": {"group_size": tying.group_size, "untied_first": tying.untied_first, "untied_last": tying.untied_last},
         "checkpoint": {
             "enable": True,

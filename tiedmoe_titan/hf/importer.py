@@ -8,21 +8,28 @@ layer keeps its own router, attention and norms.
 
 OUTDIR gets a model-only DCP checkpoint, a flavor file and ``recipe.toml``, which
 ``tiedmoe-train`` runs (``--extends RECIPE`` makes it inherit data, tokenizer and
-optimizer settings from one of yours).
+optimizer settings from one of yours).  If HF_DIR holds the model's tokenizer
+(``tokenizer.json`` + ``tokenizer_config.json``), it is copied to ``OUTDIR/tokenizer``,
+the recipe points ``model.hf_assets_path`` at it, and its identity is recorded with the
+checkpoint: continued pretraining with another tokenizer is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import sys
 
 import torch
 
+from ..checkpoint import record_tokenizer
 from ..config import RecipeError
+from ..tokenizer import HF_FILES, is_hf_folder, load_tokenizer
 from ..models import FAMILIES
 from ..tying import TieConfig, TieConfigError
-from .checkpoints import IMPORT_RECIPE, ProjectModel, write_import
+from .checkpoints import IMPORT_MODEL, IMPORT_RECIPE, IMPORT_TOKENIZER, ProjectModel, write_import
 from .errors import HFInteropError
 from .files import SafetensorsFolder, make_output_folder
 from .hf_config import TIED_EXPERTS_KEY, model_args_of_hf, read_hf_config
@@ -79,10 +86,38 @@ def import_hf(hf_dir: str, outdir: str, tying: TieConfig, extends: str | None = 
                 f"bank {bank.index} (layers {list(bank.layers)}) = experts of layers.{bank.owner}; dropped the experts of "
                 f"{others} ({(bank.group_size - 1) * per_layer:,} parameters)"
             )
+    tokenizer = model_tokenizer(hf_dir, args.vocab_size)
     make_output_folder(outdir)
-    recipe = write_import(outdir, family, args, tying, state, hf_dir, extends)
+    tokenizer_dir = None
+    if tokenizer is not None:
+        tokenizer_dir = os.path.join(os.path.abspath(outdir), IMPORT_TOKENIZER)
+        os.makedirs(tokenizer_dir)
+        for name in (*HF_FILES, "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copy2(os.path.join(hf_dir, name), tokenizer_dir)
+    recipe = write_import(outdir, family, args, tying, state, hf_dir, extends, tokenizer_dir)
+    if tokenizer_dir is not None:
+        record_tokenizer(os.path.join(outdir, IMPORT_MODEL), load_tokenizer(tokenizer_dir))
+        progress(f"tokenizer of {hf_dir} copied to {tokenizer_dir} ({tokenizer.get_vocab_size():,} ids); the recipe uses it")
     progress(f"wrote {outdir}: {layout.num_banks} banks, {sum(t.numel() for t in state.values()):,} parameters; train with: tiedmoe-train {recipe}")
     return recipe
+
+
+def model_tokenizer(hf_dir: str, vocab_size: int):
+    """The model folder's own tokenizer, checked (None: the folder has none)."""
+    if not is_hf_folder(hf_dir):
+        progress(f"{hf_dir} has no tokenizer.json: set model.hf_assets_path to the model's tokenizer to train on")
+        return None
+    try:
+        tokenizer = load_tokenizer(hf_dir, f"the tokenizer of {hf_dir}")
+    except ValueError as e:
+        raise HFInteropError(str(e)) from None
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise HFInteropError(
+            f"the tokenizer of {hf_dir} has {tokenizer.get_vocab_size():,} ids, more than the model's vocab_size "
+            f"{vocab_size:,} in config.json: the folder mixes two models"
+        )
+    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
