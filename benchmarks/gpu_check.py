@@ -2,7 +2,7 @@
 
     bash benchmarks/gpu_check.sh                       # on the GPU machine: installs .whl/, runs this
     python benchmarks/gpu_check.py --out DIR [--profile gpu|smoke] [--parts all|none|NAME,...]
-                                   [--budget-s 330] [--dry-run]
+                                   [--budget-s 480] [--dry-run]
 
 A lent GPU comes once, for minutes, without network, so everything runs from one
 command and no part may stop the others: each part runs its commands in their own
@@ -21,6 +21,9 @@ Parts, in the order they run (letters as in the request that asked for them):
 * vs_torchtitan_hf (b): ``benchmarks/vs_torchtitan_hf.py`` on a GPU-sized shape;
 * planner (d): ``benchmarks/planner_validation.py`` on its single-GPU cases, the
   planner's estimate against ``torch.cuda.max_memory_allocated``;
+* data (issue 14): ``benchmarks/data_scale.py --part shards`` on the machine's own disk:
+  loader construction, resident memory above baseline, shuffled samples/s cold and warm
+  on synthetic uint16 shards, and the debug recipe's need;
 * qwen3_1b_g2 (c): a Qwen3-MoE-style model (1.54B unique parameters, 2.55B untied) tied
   at G=2, bf16, compiled; tokens/s after warm-up and MFU with the project's FLOP count
   (``models/accounting.py``) against the H200's dense bf16 peak, 989 TFLOP/s (NVIDIA's
@@ -73,6 +76,7 @@ class Profile:
     qwen3_log_freq: int
     qwen3_batch: int
     qwen3_seq_len: int
+    data_tokens: int  # synthetic shard tokens of benchmarks/data_scale.py
     limits_s: dict  # part name -> time limit, seconds
     budget_s: float  # all parts together
 
@@ -83,16 +87,18 @@ QWEN3_1B = {
 }
 
 PROFILES = {
-    # One H200, 6 minutes in all: compile costs 30-90 s on first use, so few steps.
+    # One H200, 8 minutes in all (a device call may run 10): compile costs 30-90 s on first
+    # use, so few steps.
     "gpu": Profile(
         debug_steps=30, debug_log_freq=10, compile_backend="inductor",
         vs_args=("--dim", "1024", "--layers", "8", "--heads", "16", "--experts", "32", "--top-k", "4", "--ffn", "512",
                  "--vocab", "32768", "--batch", "8", "--seq", "1024", "--reps", "5"),
         planner_cases="qwen3_g1,olmoe_g2_full_ac,qwen3_g2_small_batch",
         qwen3_shape=QWEN3_1B, qwen3_steps=20, qwen3_log_freq=5, qwen3_batch=4, qwen3_seq_len=2048,
+        data_tokens=500_000_000,
         limits_s={"env": 60, "debug_g1": 100, "debug_g2": 70, "debug_g4": 70, "vs_torchtitan_hf": 100,
-                  "planner": 80, "qwen3_1b_g2": 150},
-        budget_s=330,
+                  "planner": 80, "data": 150, "qwen3_1b_g2": 150},
+        budget_s=480,
     ),
     # A CPU test of the driver: the same parts and flags, tiny shapes (the vocabulary
     # stays 2048, the bundled tokenizer's).
@@ -104,8 +110,9 @@ PROFILES = {
         qwen3_shape={"dim": 64, "n_layers": 6, "n_heads": 2, "n_kv_heads": 1, "head_dim": 32, "vocab_size": 2048,
                      "max_seq_len": 64, "hidden_dim": 128, "moe_inter_dim": 32, "moe_args": {"num_experts": 8, "top_k": 2}},
         qwen3_steps=2, qwen3_log_freq=1, qwen3_batch=2, qwen3_seq_len=32,
+        data_tokens=2_000_000,
         limits_s={"env": 120, "debug_g1": 240, "debug_g2": 240, "debug_g4": 240, "vs_torchtitan_hf": 120,
-                  "planner": 240, "qwen3_1b_g2": 300},
+                  "planner": 240, "data": 120, "qwen3_1b_g2": 300},
         budget_s=1500,
     ),
 }
@@ -230,6 +237,24 @@ def planner_part(profile: Profile, work: str) -> Part:
                 parse, figures)
 
 
+def data_part(profile: Profile, work: str) -> Part:
+    cmd = python("benchmarks/data_scale.py", "--part", "shards", "--tokens", str(profile.data_tokens),
+                 "--small-tokens", str(min(10_000_000, profile.data_tokens // 2)), "--shard-tokens", str(1 << 26),
+                 "--batches", "200", "--long-batches", "1000", "--shards-dir", os.path.join(work, "shards"), "--json")
+
+    def parse(outputs: list[str]) -> dict:
+        return last_json(outputs[0])["shards"]
+
+    def figures(r: dict) -> str:
+        large = r["large"]
+        cold, warm = large["train_cold"], large["train_warm"]
+        return (f"{large['tokens'] / 1e9:.1f}B tokens: built in {cold['build_s'] * 1e3:.0f} ms, RSS +{cold['after_longer_mib']['rss']} MiB "
+                f"after {cold['batches_read_longer']} batches; {cold['samples_per_s']:,.0f} / {warm['samples_per_s']:,.0f} "
+                f"samples/s cold / warm (seq {r['seq_len']} x {r['batch']})")
+
+    return Part("data", "token-shard loader on this machine's disk", [cmd], parse, figures)
+
+
 QWEN3_RECIPE = "recipes/qwen3/regular_g2.toml"  # G=2 with 2 + 2 untied anchors
 
 
@@ -279,6 +304,7 @@ def all_parts(profile: Profile, work: str) -> list[Part]:
         *(debug_part(profile, work, g) for g in (1, 2, 4)),
         vs_part(profile, work),
         planner_part(profile, work),
+        data_part(profile, work),
         qwen3_part(profile, work),
     ]
 
@@ -297,6 +323,7 @@ def child_env() -> dict[str, str]:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (path, REPO) if p)
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
+    env.setdefault("TIEDMOE_DATA_CACHE", os.path.join(tempfile.gettempdir(), "tiedmoe_gpu_check_data_cache"))
     return env
 
 

@@ -100,7 +100,9 @@ def test_every_profile_gives_every_part_a_time_limit_inside_the_budget():
     for profile in gpu_check.PROFILES.values():
         assert set(profile.limits_s) == set(gpu_check.PART_NAMES)
         assert max(profile.limits_s.values()) < profile.budget_s
-    assert gpu_check.PROFILES["gpu"].budget_s <= 6 * 60 - 20  # the wheel install and startup fit the 6 minutes
+    # One device call may run 10 minutes; the wheel install and the start-up take under one,
+    # and a session's 15 minutes of device time must leave room for the machine's start.
+    assert gpu_check.PROFILES["gpu"].budget_s <= 9 * 60
 
 
 def test_dry_run_writes_the_skeleton(tmp_path):
