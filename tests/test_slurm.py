@@ -13,7 +13,6 @@ SLURM cannot run; the skip prints why.
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ import time
 import pytest
 import torch
 from conftest import load_all
+from slurm_cluster import cluster_conf, slurm_missing
 
 RECIPE = "recipes/debug_cpu.toml"
 KILL_WAIT_S = 5  # > the seconds a trainer takes to exit after it requeued the job
@@ -33,54 +33,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_unavailable() -> str | None:
-    if os.environ.get("TIEDMOE_NO_SLURM") == "1":
-        return "TIEDMOE_NO_SLURM=1: SLURM declared unavailable on this machine"
-    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel")):
-        if os.environ.get("CI"):
-            pytest.fail("slurm-wlm is not installed: .ci/run must install it (apt-get install slurm-wlm)")
-        return "slurm-wlm is not installed (apt-get install slurm-wlm)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    reason = slurm_unavailable()
+    reason = slurm_missing()
     if reason:
+        if os.environ.get("CI") and "TIEDMOE_NO_SLURM" not in reason:
+            pytest.fail(f"{reason}: .ci/run must install it")
         print(f"SKIP test_slurm: {reason}")
         pytest.skip(reason)
     d = tmp_path_factory.mktemp("slurm")
-    for sub in ("state", "spool"):
-        (d / sub).mkdir()
+    (d / "state").mkdir()
     cpus = os.cpu_count() or 2
     conf = d / "slurm.conf"
     conf.write_text(
         "\n".join(
             [
-                "ClusterName=tiedmoe",
+                *cluster_conf(d, "tiedmoe"),
                 "SlurmctldHost=localhost",
                 f"SlurmctldPort={free_port()}",
                 f"SlurmdPort={free_port()}",
-                "AuthType=auth/none",
-                "CredType=cred/none",
-                "AuthInfo=cred_expire=5",
-                "ProctrackType=proctrack/linuxproc",
-                "TaskPlugin=task/none",
-                "MpiDefault=none",
-                "SlurmUser=root",
-                "SlurmdUser=root",
                 "ReturnToService=2",
-                "JobRequeue=1",
                 f"KillWait={KILL_WAIT_S}",
                 "JobCompType=jobcomp/filetxt",
                 f"JobCompLoc={d}/jobcomp.txt",
-                "SchedulerParameters=sched_interval=1,bf_interval=1",
-                f"StateSaveLocation={d}/state",
-                f"SlurmdSpoolDir={d}/spool",
-                f"SlurmctldPidFile={d}/slurmctld.pid",
-                f"SlurmdPidFile={d}/slurmd.pid",
-                f"SlurmctldLogFile={d}/slurmctld.log",
-                f"SlurmdLogFile={d}/slurmd.log",
                 f"NodeName=localhost CPUs={cpus} State=UNKNOWN",
                 "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
             ]
@@ -132,7 +107,7 @@ def losses(text: str) -> dict[int, str]:
 def test_preempted_job_saves_slower_than_killwait_requeues_and_resumes_exactly(slurm, tmp_path):
     env, d = slurm
     log = tmp_path / "job.out"
-    steps = 16
+    steps = 10
     overrides = [
         "--training.steps", str(steps), "--training.seq_len", "64", "--training.local_batch_size", "4",
         "--metrics.log_freq", "1", "--validation.no-enable", "--checkpoint.enable", "--checkpoint.interval", "1000",

@@ -1,12 +1,13 @@
-"""Two SLURM compute hosts on one Linux machine, for tests/test_slurm_two_hosts.py.
+"""SLURM compute hosts on one Linux machine, for tests/test_slurm_two_hosts.py: the two
+hosts a job runs on, and a spare that takes over when one of them dies.
 
 Topology (addresses in 10.77.0.0/24 only):
 
 * a bridge ``tmoe-br0`` in the root network namespace at 10.77.0.1/24, where slurmctld
   runs (``SlurmctldHost=<hostname -s>(10.77.0.1)``) and the test submits jobs;
-* one network namespace per node (``tmoe-n1``, ``tmoe-n2``), loopback up, with a veth
-  end named ``tmoe0`` in each (so one ``GLOO_SOCKET_IFNAME`` fits all) at 10.77.0.11 and
-  10.77.0.12; the other ends (``tmoe-n1``, ``tmoe-n2`` in the root namespace) are ports
+* one network namespace per node (``tmoe-n1``, ``tmoe-n2``, ``tmoe-n3``), loopback up,
+  with a veth end named ``tmoe0`` in each (so one ``GLOO_SOCKET_IFNAME`` fits all) at
+  10.77.0.11, .12 and .13; the other ends (``tmoe-nX`` in the root namespace) are ports
   of the bridge: taking one down is pulling that node's cable;
 * one slurmd per node, started in its network namespace with its own hostname (UTS
   namespace) and its own /etc/hosts (a bind mount in a private mount namespace; the
@@ -38,13 +39,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from slurm_cluster import cluster_conf, slurm_missing  # noqa: F401  (slurm_missing: for the test)
+
 BASE = Path("/tmp/tiedmoe-two-hosts")
 BRIDGE = "tmoe-br0"
 CONTROLLER_ADDR = "10.77.0.1"
-NODES = {"n1": "10.77.0.11", "n2": "10.77.0.12"}
+NODES = {"n1": "10.77.0.11", "n2": "10.77.0.12", "n3": "10.77.0.13"}
 IFNAME = "tmoe0"  # the veth end inside every node: GLOO_SOCKET_IFNAME
 SLURMD_PORT = 6818  # the same on both nodes: they are separate network namespaces
-TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 
 
 def netns(node: str) -> str:
@@ -54,16 +56,6 @@ def netns(node: str) -> str:
 def host_veth(node: str) -> str:
     """The root-namespace end of the node's cable (a bridge port)."""
     return f"tmoe-{node}"
-
-
-def slurm_missing() -> str | None:
-    """Why SLURM cannot run here (None: it can). Only a missing SLURM is a reason to skip."""
-    if os.environ.get("TIEDMOE_NO_SLURM") == "1":
-        return "TIEDMOE_NO_SLURM=1: SLURM declared unavailable on this machine"
-    missing = [b for b in TOOLS if not shutil.which(b)]
-    if missing:
-        return f"slurm-wlm is not installed ({', '.join(missing)} missing; apt-get install slurm-wlm)"
-    return None
 
 
 def run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -160,8 +152,8 @@ def remove_leftovers() -> None:
     shutil.rmtree(BASE, ignore_errors=True)
 
 
-class TwoHosts:
-    """slurmctld on the root namespace + one slurmd on each of two node namespaces."""
+class NamespaceCluster:
+    """slurmctld on the root namespace + one slurmd in each node's namespace."""
 
     def __init__(self, slurmd_timeout: int = 10, extra_conf: tuple[str, ...] = ()):
         self.slurmd_timeout = slurmd_timeout
@@ -193,7 +185,7 @@ class TwoHosts:
                     env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 )
         try:
-            wait_for(lambda: self.node_states() == {"n1": "idle", "n2": "idle"}, 60, "both nodes idle")
+            wait_for(lambda: self.node_states() == dict.fromkeys(NODES, "idle"), 60, "every node idle")
         except TimeoutError:
             raise RuntimeError(f"SLURM did not come up: {self.node_states()}\n{self.logs()}") from None
 
@@ -241,36 +233,20 @@ class TwoHosts:
         (BASE / "hosts").write_text("\n".join(hosts) + "\n")
         cores = os.cpu_count() or 2
         lines = [
-            "ClusterName=tiedmoe2",
+            *cluster_conf(BASE, "tiedmoe2"),
             f"SlurmctldHost={short}({CONTROLLER_ADDR})",
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={SLURMD_PORT}",
-            "AuthType=auth/none",
-            "CredType=cred/none",
-            "AuthInfo=cred_expire=5",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "MpiDefault=none",
-            "SlurmUser=root",
-            "SlurmdUser=root",
             # A node that stopped answering stays DOWN until `scontrol update ... resume`.
             # With 1 or 2 it returns as soon as it answers again, and the requeued job
             # (same id) can start there before the old run is gone from it: its stale
             # step, and the kill/signal RPCs for that job id that slurmctld could not
             # deliver and retries about 60 s later, which then hit the new run.
             "ReturnToService=0",
-            "JobRequeue=1",
             # Job ids of their own: the single-node test's cluster starts at 1, and a
             # job may leave files named after its id in the submission folder.
             "FirstJobId=7701",
             f"SlurmdTimeout={self.slurmd_timeout}",
-            "SchedulerParameters=sched_interval=1,bf_interval=1",
-            f"StateSaveLocation={BASE}/state",
-            f"SlurmdSpoolDir={BASE}/spool-%n",
-            f"SlurmctldPidFile={BASE}/slurmctld.pid",
-            f"SlurmdPidFile={BASE}/slurmd-%n.pid",
-            f"SlurmctldLogFile={BASE}/slurmctld.log",
-            f"SlurmdLogFile={BASE}/slurmd-%n.log",
             *self.extra_conf,
         ]
         lines += [
@@ -282,7 +258,7 @@ class TwoHosts:
 
     def logs(self, tail: int = 3000) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd-n1.log", "slurmd-n2.log", "daemons.out"):
+        for name in ("slurmctld.log", *(f"slurmd-{node}.log" for node in NODES), "daemons.out"):
             path = BASE / name
             if path.exists():
                 out.append(f"--- {name}\n{path.read_text(errors='replace')[-tail:]}")
@@ -318,16 +294,9 @@ class TwoHosts:
         match = re.search(rf"\b{field}=(\S+)", out)
         return match.group(1) if match else ""
 
-    def agent_queue(self) -> int:
-        """RPCs slurmctld holds for sending or retrying (``sdiag``: Agent queue size). An
-        RPC to a node that did not answer is retried about 60 s later (slurmctld's agent
-        retry, not configurable): the kill and signal RPCs of a job on a dead node reach
-        it that late, by job id, and would hit the requeued job (same id) there."""
-        match = re.search(r"Agent queue size:\s*(\d+)", self.slurm("sdiag", check=False))
-        return int(match.group(1)) if match else -1
-
-    def resume(self, node: str) -> None:
-        self.slurm("scontrol", "update", f"nodename={node}", "state=resume")
+    def job_nodes(self, job: str) -> list[str]:
+        """The nodes a job runs on, in order (the first one hosts the rendezvous)."""
+        return self.slurm("scontrol", "show", "hostnames", self.job_field(job, "NodeList")).split()
 
     # -- what happens to a node ------------------------------------------------------
 
