@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 
 
@@ -19,6 +21,16 @@ def slurm_missing() -> str | None:
     if missing:
         return f"slurm-wlm is not installed ({', '.join(missing)} missing; apt-get install slurm-wlm)"
     return None
+
+
+def require_slurm(test: str) -> None:
+    """Skip ``test`` (saying why) where SLURM is missing; in CI (``CI`` set) fail instead."""
+    reason = slurm_missing()
+    if reason:
+        if os.environ.get("CI") and "TIEDMOE_NO_SLURM" not in reason:
+            pytest.fail(f"{reason}: .ci/run must install it")
+        print(f"SKIP {test}: {reason}")
+        pytest.skip(reason)
 
 
 def cluster_conf(folder: Path, name: str) -> list[str]:

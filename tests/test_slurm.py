@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 from conftest import load_all
-from slurm_cluster import cluster_conf, slurm_missing
+from slurm_cluster import cluster_conf, require_slurm
 
 RECIPE = "recipes/debug_cpu.toml"
 KILL_WAIT_S = 5  # > the seconds a trainer takes to exit after it requeued the job
@@ -35,12 +35,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    reason = slurm_missing()
-    if reason:
-        if os.environ.get("CI") and "TIEDMOE_NO_SLURM" not in reason:
-            pytest.fail(f"{reason}: .ci/run must install it")
-        print(f"SKIP test_slurm: {reason}")
-        pytest.skip(reason)
+    require_slurm("test_slurm")
     d = tmp_path_factory.mktemp("slurm")
     (d / "state").mkdir()
     cpus = os.cpu_count() or 2

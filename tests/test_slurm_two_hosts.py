@@ -39,7 +39,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from two_hosts import IFNAME, NamespaceCluster, slurm_missing, wait_for  # noqa: E402
+from slurm_cluster import require_slurm  # noqa: E402
+from two_hosts import IFNAME, NamespaceCluster, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/debug_cpu.toml"
@@ -80,12 +81,7 @@ def _interrupt(signum, frame):
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = slurm_missing()
-    if reason:
-        if os.environ.get("CI") and "TIEDMOE_NO_SLURM" not in reason:
-            pytest.fail(f"{reason}: .ci/run must install it")
-        print(f"SKIP test_slurm_two_hosts: {reason}")
-        pytest.skip(reason)
+    require_slurm("test_slurm_two_hosts")
     c = NamespaceCluster(slurmd_timeout=SLURMD_TIMEOUT_S)
     # A SIGTERM (a CI time limit, `timeout pytest ...`) interrupts pytest as Ctrl-C does,
     # so that the daemons, namespaces and bridge are still removed.

@@ -39,7 +39,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from slurm_cluster import cluster_conf, slurm_missing  # noqa: F401  (slurm_missing: for the test)
+from slurm_cluster import cluster_conf
 
 BASE = Path("/tmp/tiedmoe-two-hosts")
 BRIDGE = "tmoe-br0"
