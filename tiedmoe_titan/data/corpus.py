@@ -37,10 +37,10 @@ def open_sources(dataset_path: str | None, tokenizer, config_key: str, log: Call
     opened = []
     for source in parse_dataset_sources(dataset_path, config_key):
         where = config_key if source.name == "data" else f"{config_key} source '{source.name}'"
-        texts = source.text_files
+        texts, shard_folders = source.text_files, set(source.shard_folders)
         folders: list[str] = []
         for path in source.files:  # the text files' cache takes the place of the first one
-            if path in source.shard_folders:
+            if path in shard_folders:
                 folders.append(path)
             elif path == texts[0]:
                 folders.append(cached_shards(texts, tokenizer, log))
