@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.tools.logging import logger
 
 from .models.moe import tied_moe_layers
+from .data.shard_format import write_json_atomic
 from .tokenizer import tokenizer_identity
 
 STEP = re.compile(r"^step-(\d+)$")
@@ -87,8 +88,7 @@ TOKENIZER_RECORD = "tokenizer_identity.json"  # next to a checkpoint: what it wa
 
 def record_tokenizer(checkpoint_dir: str, tokenizer) -> None:
     """Record the tokenizer a checkpoint's model was trained with (``tokenizer_identity``)."""
-    with open(os.path.join(checkpoint_dir, TOKENIZER_RECORD), "w") as f:
-        json.dump(tokenizer_identity(tokenizer), f, indent=1, sort_keys=True)
+    write_json_atomic(os.path.join(checkpoint_dir, TOKENIZER_RECORD), tokenizer_identity(tokenizer))
 
 
 def tokenizer_mismatch(checkpoint_dir: str, tokenizer, key: str = "model.hf_assets_path") -> str | None:
