@@ -1,23 +1,31 @@
 """Shard-once benchmark: the same model untied (G=1) and tied (G=2, G=4) in one run.
 
-    python benchmarks/shard_once.py [--nproc 2] [--groups 1,2,4] [--steps 7]
+    python benchmarks/shard_once.py [--nproc 2] [--groups 1,2,4] [--rounds 6]
 
 On CPU it launches N gloo processes (FSDP dp_shard=N); with a GPU, one process per
 visible GPU on NCCL. Every variant trains the same tokens from its own initial weights
-with AdamW, one microbatch per step. Per variant, rank 0 prints one JSON object per
-line, then a table:
+with AdamW in the implementation the trainer builds (torchtitan's default, "fused";
+``--optimizer-impl``), one microbatch per step. The processes build every variant and
+hold them all: each variant runs step 0 (collectives counted) and step 1 (memory
+tracked), then the timed steps are interleaved, one step of each variant per round,
+the order rotated every round (G1,G2,G4 / G2,G4,G1 / G4,G1,G2 / ...), so that load
+from other jobs falls on all variants alike. Rank 0 prints one JSON object per
+variant, then a table:
 
 * expert_bytes_per_rank: routed-expert parameters + gradients + AdamW state on one rank
   (tensor sizes, after step 1), untied_expert_bytes_per_rank the same for G=1;
 * peak_memory_ratio: peak tensor memory of a step, tied / untied (torch's MemTracker
   on CPU, the CUDA allocator's peak on GPU; never process RSS);
-* step_time_ratio: median step time, tied / untied, with the spread (min, max) of
-  the timed steps of each;
+* step_time_ratio: the median over rounds of (tied step time / untied step time in
+  the same round), step_time_ratio_spread its (min, max), step_time_ratio_rounds every
+  round's ratio; step_time_median_s / step_time_spread_s the variant's own steps;
 * expert_allgathers_per_step / expert_reduce_scatters_per_step: collectives that move
   routed-expert weights / gradients, counted at the process-group level on step 0.
 
 The default shape is the OLMoE-style layout scaled down: 16 layers, 64 experts top-8,
-2+2 untied anchors, dim 256, expert FFN 256, micro-batch 2 x 256 tokens.
+2+2 untied anchors, dim 256, expert FFN 256, micro-batch 2 x 256 tokens. Holding all
+variants takes about 2.4 GiB per process at that shape (all three: G=1 1.5 GiB of
+expert state, G=2 0.94, G=4 0.66, plus one step's activations).
 """
 
 from __future__ import annotations
@@ -46,10 +54,18 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--anchors", type=int, default=2, help="untied MoE layers at each end for tied variants")
-    p.add_argument("--steps", type=int, default=7, help="step 0 counts collectives, step 1 memory, the rest are timed")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds, one step of every variant each (after step 0: collectives, step 1: memory)")
+    p.add_argument("--optimizer-impl", default=None, choices=["for-loop", "foreach", "fused"],
+                   help="AdamW implementation (default: torchtitan's, what tiedmoe-train builds for a recipe that sets none)")
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--out", help="also write the JSON lines here")
     return p.parse_args(argv)
+
+
+def optimizer_implementation(a) -> str:
+    from torchtitan.config import Optimizer
+
+    return a.optimizer_impl or Optimizer().implementation
 
 
 def check_config(a, group_size: int, world: int):
@@ -60,8 +76,8 @@ def check_config(a, group_size: int, world: int):
     return CheckConfig(
         family=a.family,
         tying=TieConfig(group_size=group_size, untied_first=anchors, untied_last=anchors),
-        dp_shard=world, ep=a.ep, steps=a.steps, microbatches=1, batch=a.batch, seq_len=a.seq, timing=True,
-        expert_bias_rate=0.0,
+        dp_shard=world, ep=a.ep, steps=2 + a.rounds, microbatches=1, batch=a.batch, seq_len=a.seq, timing=True,
+        expert_bias_rate=0.0, optimizer={"implementation": optimizer_implementation(a)},
         model_overrides={
             "n_layers": a.layers, "dim": a.dim, "n_heads": a.heads, "n_kv_heads": a.heads, "head_dim": a.dim // a.heads,
             "moe_inter_dim": a.ffn, "max_seq_len": a.seq,
@@ -70,17 +86,34 @@ def check_config(a, group_size: int, world: int):
     )
 
 
+def rotations(groups: list[int], rounds: int) -> list[list[int]]:
+    """The order of the variants in each timed round: rotated by one every round."""
+    return [groups[r % len(groups):] + groups[: r % len(groups)] for r in range(rounds)]
+
+
 def run_variants(a) -> list[dict]:
     import torch.distributed as dist
 
-    from tiedmoe_titan.shard_check import distributed, model_args
+    from tiedmoe_titan.shard_check import model_args, stepwise
 
     world = dist.get_world_size()
+    groups = [int(x) for x in a.groups.split(",")]
+    cfgs = {g: check_config(a, g, world) for g in groups}
+    runs = {g: stepwise(cfg) for g, cfg in cfgs.items()}
+    for g in groups:  # build; step 0 (collectives) and step 1 (memory) of each in turn
+        next(runs[g])
+        next(runs[g])
+    for order in rotations(groups, a.rounds):
+        for g in order:
+            next(runs[g])
     rows = []
-    for g in (int(x) for x in a.groups.split(",")):
-        cfg = check_config(a, g, world)
-        layout = model_args(cfg).tie_layout()
-        result = distributed(cfg)
+    for g in groups:
+        try:
+            next(runs[g])
+            raise AssertionError(f"G={g} has steps left")
+        except StopIteration as end:
+            result = end.value
+        layout = model_args(cfgs[g]).tie_layout()
         (calls,) = result["collectives"]
         expert_sizes = result["expert_unit_bytes"]
         rows.append({
@@ -99,11 +132,12 @@ def run_variants(a) -> list[dict]:
     return rows
 
 
-def summarise(rows: list[dict], device: str, world: int) -> list[dict]:
+def summarise(rows: list[dict], device: str, world: int, optimizer: str) -> list[dict]:
     base = next(r for r in rows if r["G"] == 1)
     out = []
     for r in rows:
         times, base_times = r["step_times"], base["step_times"]
+        ratios = [t / b for t, b in zip(times, base_times)]  # paired: the same round
         out.append({
             "G": r["G"],
             "num_moe_layers": r["num_moe_layers"],
@@ -117,24 +151,34 @@ def summarise(rows: list[dict], device: str, world: int) -> list[dict]:
             "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
             "step_time_median_s": statistics.median(times),
             "step_time_spread_s": [min(times), max(times)],
-            "step_time_ratio": statistics.median(times) / statistics.median(base_times),
+            "step_time_ratio": statistics.median(ratios),
+            "step_time_ratio_spread": [min(ratios), max(ratios)],
+            "step_time_ratio_rounds": ratios,
             "expert_allgathers_per_step": r["expert_allgathers_per_step"],
             "expert_reduce_scatters_per_step": r["expert_reduce_scatters_per_step"],
             "final_loss": r["losses"][-1],
             "device": device,
             "world_size": world,
+            "optimizer_implementation": optimizer,
+            "rounds": len(times),
+            "torch": torch.__version__,
         })
     return out
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'G':>2} {'banks':>5} {'untied':>6} {'expert MiB/rank':>15} {'ratio':>6} {'(expect)':>8} {'peak MiB':>9} {'peak ratio':>10} {'step s':>7} {'time ratio':>10} {'exp AG':>6} {'exp RS':>6}"
+    head = (
+        f"{'G':>2} {'banks':>5} {'untied':>6} {'expert MiB/rank':>15} {'ratio':>6} {'(expect)':>8} {'peak MiB':>9} "
+        f"{'peak ratio':>10} {'step s':>7} {'time ratio (min-max)':>20} {'exp AG':>6} {'exp RS':>6}"
+    )
     lines = [head]
     for r in rows:
+        low, high = r["step_time_ratio_spread"]
+        ratio = f"{r['step_time_ratio']:.3f} ({low:.3f}-{high:.3f})"
         lines.append(
             f"{r['G']:>2} {r['num_banks']:>5} {r['num_untied_moe_layers']:>6} {r['expert_bytes_per_rank'] / 2**20:>15.1f} "
             f"{r['expert_bytes_ratio']:>6.3f} {r['expected_expert_bytes_ratio']:>8.3f} {r['peak_memory_bytes'] / 2**20:>9.1f} "
-            f"{r['peak_memory_ratio']:>10.3f} {r['step_time_median_s']:>7.3f} {r['step_time_ratio']:>10.3f} "
+            f"{r['peak_memory_ratio']:>10.3f} {r['step_time_median_s']:>7.3f} {ratio:>20} "
             f"{r['expert_allgathers_per_step']:>6} {r['expert_reduce_scatters_per_step']:>6}"
         )
     return "\n".join(lines)
@@ -143,12 +187,11 @@ def table(rows: list[dict]) -> str:
 def worker(a) -> None:
     import torch.distributed as dist
 
-
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rows = run_variants(a)
     if dist.get_rank() == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()} (gloo)"
-        summary = summarise(rows, device, dist.get_world_size())
+        summary = summarise(rows, device, dist.get_world_size(), optimizer_implementation(a))
         lines = [json.dumps(r) for r in summary]
         print("\n".join(lines))
         print(table(summary))

@@ -124,10 +124,12 @@ def job_config(cfg: CheckConfig) -> JobConfig:
     job.compile.components = ["model"]
     job.compile.backend = cfg.compile_backend or "inductor"
     job.optimizer.lr = cfg.lr
+    # for-loop AdamW unless cfg.optimizer names an implementation (the trainer's default
+    # is torchtitan's "fused"; benchmarks/shard_once.py times with that).
+    job.optimizer.implementation = "for-loop"
     for key, value in cfg.optimizer.items():
         current = getattr(job.optimizer, key)
         setattr(job.optimizer, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
-    job.optimizer.implementation = "for-loop"
     job.comm.init_timeout_seconds = 300
     return job
 
@@ -324,12 +326,9 @@ def peak_step_memory(model, optimizers, step_fn) -> int:
     return sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
 
 
-def distributed(cfg: CheckConfig) -> dict:
-    """This rank's part of the run under ``cfg``'s layout (torch.distributed initialised).
-
-    Collectives are counted on every step, unless ``cfg.timing``: then step 0 is
-    counted, step 1 measures peak memory and the later steps are timed with no
-    instrumentation (a dispatch mode slows every op)."""
+def build(cfg: CheckConfig, state: dict[str, torch.Tensor] | None = None):
+    """(model, optimizers, parallel dims) of ``cfg``'s layout on this rank, with the full
+    weights ``state`` (default: ``initial_state(cfg)``)."""
     device = local_device()
     dims = parallel_dims(cfg, dist.get_world_size())
     job = job_config(cfg)
@@ -339,8 +338,31 @@ def distributed(cfg: CheckConfig) -> dict:
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()  # buffers (rope cache, expert bias); weights come next
-    set_model_state_dict(model, initial_state(cfg), options=StateDictOptions(full_state_dict=True))
-    optimizers = build_tied_optimizers([model], job.optimizer, dims)
+    state = initial_state(cfg) if state is None else state
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    return model, build_tied_optimizers([model], job.optimizer, dims), dims
+
+
+def distributed(cfg: CheckConfig) -> dict:
+    """This rank's part of the run under ``cfg``'s layout (torch.distributed initialised).
+
+    Collectives are counted on every step, unless ``cfg.timing``: then step 0 is
+    counted, step 1 measures peak memory and the later steps are timed with no
+    instrumentation (a dispatch mode slows every op), and ``grads`` is None."""
+    steps = stepwise(cfg)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+def stepwise(cfg: CheckConfig):
+    """``distributed`` one step at a time: a generator that yields after each step and
+    returns the result, so that a benchmark can interleave the steps of several
+    layouts (every rank must advance them in the same order)."""
+    device = local_device()
+    model, optimizers, dims = build(cfg)
 
     batch_mesh = dims.get_mesh("batch") if dims.dp_enabled else None
     dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
@@ -373,8 +395,9 @@ def distributed(cfg: CheckConfig) -> dict:
         if batch_mesh is not None:
             dist.all_reduce(total, group=batch_mesh.get_group())
         losses.append(total.item())
-        if first_grads is None:
+        if first_grads is None and not cfg.timing:  # timing runs keep no full copy of the gradients
             first_grads = full_grads(model)
+        yield step
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {
         "losses": losses,
