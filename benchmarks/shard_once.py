@@ -162,6 +162,7 @@ def summarise(rows: list[dict], device: str, world: int, optimizer: str) -> list
             "expert_bytes_ratio": r["expert_bytes_per_rank"] / base["expert_bytes_per_rank"],
             "peak_memory_bytes": r["peak_memory_bytes"],
             "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
+            "step_times_s": times,  # round by round
             "step_time_median_s": statistics.median(times),
             "step_time_spread_s": [min(times), max(times)],
             "step_time_ratio": statistics.median(ratios),
