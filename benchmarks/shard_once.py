@@ -215,13 +215,27 @@ def worker(a) -> None:
     dist.destroy_process_group()
 
 
+def worker_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc``, which torchrun would read as its own ``--nproc-per-node``
+    (it refuses the abbreviation as ambiguous); the workers do not need it."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            out.append(arg)
+    return out
+
+
 def main() -> None:
     a = parse_args()
     if "RANK" in os.environ:
         worker(a)
         return
     nproc = a.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), __file__, *sys.argv[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), __file__, *worker_argv(sys.argv[1:])]
     raise SystemExit(subprocess.call(cmd))
 
 

@@ -6,6 +6,11 @@ first-step gradients and final weights must match, and the collectives each rank
 issues are counted at the process-group level.
 """
 
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +126,56 @@ def test_dcp_checkpoint_holds_each_bank_once(four_ranks):
     expert_keys = sorted(k for k in dcp["keys"] if ".moe.experts." in k)
     owners = (0, 1, 2, 4, 6, 7)
     assert expert_keys == sorted(f"layers.{i}.moe.experts.{w}" for i in owners for w in ("w1", "w2", "w3"))
+
+
+SHARD_ONCE = Path(__file__).resolve().parents[1] / "benchmarks" / "shard_once.py"
+TINY = [
+    "--layers", "4", "--experts", "8", "--top-k", "2", "--dim", "64", "--heads", "2", "--ffn", "64",
+    "--batch", "1", "--seq", "16", "--anchors", "1", "--groups", "1,2", "--rounds", "3",
+]
+
+
+def test_shard_once_benchmark(tmp_path):
+    """benchmarks/shard_once.py at a tiny shape on 2 gloo processes: the trainer's AdamW,
+    a tied/untied ratio per round from the same round's steps, and one bank of two
+    layers in place of two untied layers (expert bytes and collectives)."""
+    out = tmp_path / "rows.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(SHARD_ONCE), "--nproc", "2", *TINY, "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    untied, tied = (json.loads(line) for line in out.read_text().splitlines())
+    assert untied["optimizer_implementation"] == tied["optimizer_implementation"] == "fused"
+    assert len(tied["step_times_s"]) == len(untied["step_times_s"]) == tied["rounds"] == 3
+    ratios = [t / u for t, u in zip(tied["step_times_s"], untied["step_times_s"])]
+    assert tied["step_time_ratio_rounds"] == pytest.approx(ratios)
+    assert tied["step_time_ratio"] == pytest.approx(statistics.median(ratios))
+    assert tied["step_time_ratio_spread"] == pytest.approx([min(ratios), max(ratios)])
+    assert (tied["num_banks"], tied["num_untied_moe_layers"]) == (1, 2)
+    assert tied["expert_bytes_ratio"] == tied["expected_expert_bytes_ratio"] == 0.75
+    assert (untied["expert_allgathers_per_step"], untied["expert_reduce_scatters_per_step"]) == (8, 4)
+    assert (tied["expert_allgathers_per_step"], tied["expert_reduce_scatters_per_step"]) == (6, 3)
+    assert 0 < tied["peak_memory_ratio"] < 1
+
+
+BANK_GRAD_PRECISION = Path(__file__).resolve().parents[1] / "benchmarks" / "bank_grad_precision.py"
+
+
+def test_bank_grad_precision_benchmark(tmp_path):
+    """benchmarks/bank_grad_precision.py at a tiny batch on 2 gloo processes: the untied
+    twin reproduces the tied model (the same bf16 loss, fp32 layer gradients that sum
+    to the bank's), and the bf16 summation's own error is a bf16 rounding."""
+    out = tmp_path / "precision.json"
+    args = ["--seeds", "0", "--groups", "1,2", "--after-steps", "0", "--batch", "1", "--seq", "16", "--corpus-tokens", "20000"]
+    run = subprocess.run(
+        [sys.executable, str(BANK_GRAD_PRECISION), "--nproc", "2", *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    untied, tied = json.loads(out.read_text())["rows"]
+    assert tied["check_bf16_loss"] == 0.0
+    assert max(tied["check_fp32_sum"].values()) < 1e-5
+    assert 1e-5 < min(tied["sum_only"].values()) and max(tied["sum_only"].values()) < 2**-7
+    assert len(tied["per_layer"]) == 2 * len(tied["bank"]) == 4  # the debug flavor at G=2, 2+2 anchors: 2 banks
+    assert all(0 < e < 1 for e in [*untied["untied"].values(), *tied["bank"].values()])
