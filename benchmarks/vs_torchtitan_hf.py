@@ -1,7 +1,7 @@
 """The project's untied model (G=1) against torchtitan's own MoE model and Hugging Face
 transformers' ``OlmoeForCausalLM``, same shape, one training step each, in one process.
 
-    python benchmarks/vs_torchtitan_hf.py [--dim 256 --layers 8 --experts 16 --top-k 4 ...] [--reps 5]
+    python benchmarks/vs_torchtitan_hf.py [--dim 256 --layers 8 --experts 16 --top-k 4 ...] [--reps 5] [--with-for-loop]
 
 * project: ``TiedOlmoeModel`` (family olmoe, tying.group_size = 1), loss = cross-entropy
   + the routing losses tiedmoe-train adds (aux 0.01, z 1e-4);
@@ -14,9 +14,16 @@ transformers' ``OlmoeForCausalLM``, same shape, one training step each, in one p
   (``tiedmoe_titan.hf.hf_config``), with ``output_router_logits``: loss = cross-entropy +
   0.01 x its load-balancing loss, as in the paper's reference code.
 
-All three train with ``torch.optim.AdamW`` (torch's defaults for the device, lr 1e-3,
+With ``--with-for-loop`` also
+
+* project_for_loop: the project model with torchtitan's for-loop expert path
+  (``use_grouped_mm = False``), the CPU path before ``tiedmoe_titan.cpu`` ran grouped
+  GEMMs in fp32: the speed-up of the grouped path, measured side by side.
+
+All train with ``torch.optim.AdamW`` (torch's defaults for the device, lr 1e-3,
 weight decay 0.1) on the same random tokens; fp32 on CPU (the project and torchtitan
-models run their experts in the for-loop path there), bf16 autocast on a GPU.
+models run their experts as fp32 grouped GEMMs there, ``tiedmoe_titan.cpu``), bf16
+autocast on a GPU.
 
 Peak memory: one step of each model alone (the others not built yet): torch's
 ``MemTracker`` on CPU (every tensor of the step, not RSS), the CUDA allocator's peak
@@ -42,8 +49,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import tiedmoe_titan  # noqa: F401  (CPU support: histc, token permutation, for-loop experts)
-from tiedmoe_titan.cpu import adapt_moe_args
+import tiedmoe_titan  # noqa: F401  (CPU support: histc, token permutation, fp32 grouped experts)
 from tiedmoe_titan.models import FAMILIES, model_routing_loss
 from tiedmoe_titan.models.accounting import count_params, flops_per_token
 from tiedmoe_titan.shard_check import local_device, peak_step_memory
@@ -66,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=5, help="timed steps per model")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 keeps a shared CPU from stalling parallel ops")
+    p.add_argument("--with-for-loop", action="store_true",
+                   help="also time the project model on torchtitan's for-loop expert path (project_for_loop)")
     p.add_argument("--out", help="also write the result as JSON here")
     return p.parse_args(argv)
 
@@ -74,7 +82,7 @@ def project_args(a):
     args = copy.deepcopy(FAMILIES["olmoe"][1]["debug"])  # flavors are shared objects
     args.dim, args.n_layers, args.n_heads, args.n_kv_heads = a.dim, a.layers, a.heads, a.heads
     args.head_dim, args.vocab_size, args.max_seq_len, args.moe_inter_dim = a.dim // a.heads, a.vocab, a.seq, a.ffn
-    args.moe_args = adapt_moe_args(dataclasses.replace(args.moe_args, num_experts=a.experts, top_k=a.top_k))
+    args.moe_args = dataclasses.replace(args.moe_args, num_experts=a.experts, top_k=a.top_k)
     args.tying = TieConfig()
     args.routing = dataclasses.replace(args.routing, aux_loss_coeff=AUX_COEFF, z_loss_coeff=Z_COEFF, expert_bias_rate=0.0)
     return args
@@ -83,6 +91,10 @@ def project_args(a):
 def build(name: str, args, device: torch.device):
     """(model, loss function of (model, tokens)) on ``device``, initialised from seed 0."""
     torch.manual_seed(0)
+    if name == "project_for_loop":
+        args = copy.deepcopy(args)
+        args.moe_args = dataclasses.replace(args.moe_args, use_grouped_mm=False)
+        name = "project"
     if name == "project":
         model = FAMILIES["olmoe"][0](args)
         with torch.no_grad():
@@ -153,13 +165,14 @@ def main(argv=None) -> None:
         torch.set_num_threads(a.threads)
     device = local_device()
     args = project_args(a)
+    models = MODELS + (("project_for_loop",) if a.with_for_loop else ())
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
     tokens_per_step = a.batch * a.seq
     print(f"shape: dim {a.dim}, {a.layers} layers, {a.heads} heads, {a.experts} experts top-{a.top_k}, expert FFN {a.ffn}, "
           f"vocab {a.vocab}; batch {a.batch} x {a.seq} tokens; device {device}", flush=True)
 
     peaks, first_loss = {}, {}
-    for name in MODELS:  # memory: each model alone
+    for name in models:  # memory: each model alone
         model, loss_fn = build(name, args, device)
         optimizer, step = make_step(model, loss_fn, tokens, device)
         first_loss[name] = step()  # warm-up; creates the optimizer state
@@ -168,16 +181,16 @@ def main(argv=None) -> None:
         del model, optimizer, step
         gc.collect()
 
-    steps, times = {}, {name: [] for name in MODELS}
-    for name in MODELS:
+    steps, times = {}, {name: [] for name in models}
+    for name in models:
         model, loss_fn = build(name, args, device)
         steps[name] = (model, *make_step(model, loss_fn, tokens, device))
         steps[name][2]()  # warm-up
     for rep in range(a.reps):
-        order = MODELS[rep % len(MODELS):] + MODELS[:rep % len(MODELS)]
+        order = models[rep % len(models):] + models[:rep % len(models)]
         for name in order:
             times[name].append(timed(steps[name][2], device))
-        print(f"round {rep + 1}/{a.reps}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in MODELS), flush=True)
+        print(f"round {rep + 1}/{a.reps}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in models), flush=True)
 
     counts = count_params(steps["project"][0])
     flops = flops_per_token(counts, args.n_layers, args.n_heads, 2 * args.head_dim, a.seq)
@@ -187,7 +200,7 @@ def main(argv=None) -> None:
 
         peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
     rows = {}
-    for name in MODELS:
+    for name in models:
         median = statistics.median(times[name])
         tps = tokens_per_step / median
         rows[name] = {
@@ -197,7 +210,7 @@ def main(argv=None) -> None:
             "model_tflops": tps * flops / 1e12,
             "mfu": tps * flops / peak_flops if peak_flops else None,
         }
-    for name in MODELS[1:]:
+    for name in models[1:]:
         rows[name]["project_tokens_per_s_ratio"] = rows["project"]["tokens_per_s"] / rows[name]["tokens_per_s"]
         rows[name]["project_peak_memory_ratio"] = rows["project"]["peak_memory_bytes"] / rows[name]["peak_memory_bytes"]
     hf_impl = getattr(steps["hf"][0].config, "_experts_implementation", None)

@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_equals_torchtitan_model, assert_tied_equals_untied_with_copied_experts, build_model, tokens
+from conftest import assert_equals_torchtitan_model, assert_tied_equals_untied_with_copied_experts, build_model, flavor_args, tokens
 from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
 from torchtitan.models.qwen3.model.model import Qwen3Model
 
-from tiedmoe_titan.models import ExpertBank
+from tiedmoe_titan.models import FAMILIES, ExpertBank
 from tiedmoe_titan.tying import TieConfig
 
 TIED_2 = TieConfig(group_size=2, untied_first=2, untied_last=2)
@@ -19,12 +19,23 @@ def torchtitan_qwen3(args) -> Qwen3Model:
     """torchtitan's own untied qwen3 model with the same shape as ``args``."""
     fields = {f.name for f in dataclasses.fields(Qwen3ModelArgs)}
     plain = Qwen3ModelArgs(**{k: copy.deepcopy(getattr(args, k)) for k in fields})
-    plain.moe_args = args.layer_moe_args()  # fp32 for-loop experts, same expert bias setting
+    plain.moe_args = args.layer_moe_args()  # same expert path, same expert bias setting
     return Qwen3Model(plain)
 
 
-def test_untied_is_torchtitan_qwen3_exactly():
-    ours = build_model("qwen3", seed=3)
+@pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped", "for_loop"])
+def test_untied_is_torchtitan_qwen3_exactly(use_grouped_mm):
+    """Both models on the same expert path: the default grouped one (on CPU torchtitan's
+    GroupedExperts runs tiedmoe_titan.cpu's fp32 grouped GEMMs too), and torchtitan's
+    untouched fp32 for-loop path. The grouped path against the for-loop one, which is
+    bit-equal only for some shapes, is tests/test_cpu_experts.py's."""
+    args = flavor_args("qwen3")
+    args.moe_args = dataclasses.replace(args.moe_args, use_grouped_mm=use_grouped_mm)
+    ours = FAMILIES["qwen3"][0](args)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ours.init_weights()
+    assert all(bank.use_grouped_mm == use_grouped_mm for bank in ours.modules() if isinstance(bank, ExpertBank))
     assert_equals_torchtitan_model(ours, torchtitan_qwen3(ours.model_args), seed=3)
 
 

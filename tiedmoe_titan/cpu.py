@@ -11,20 +11,25 @@ in a case that would otherwise fail, and all of them live here:
 2. Its MoE router counts tokens per expert with ``torch.histc`` on int64 indices,
    which has no CPU kernel. ``torch.histc`` is wrapped to count integer CPU tensors
    in float32 (exact below 2**24 per bin) and return the input dtype.
-3. Its token permutation for grouped GEMMs and expert parallelism always launches a
-   Triton kernel; torchtitan ships a CPU reference (``use_cpu=True``) that we select
-   for CPU tensors.
-4. The grouped-mm expert path casts to bf16; on CPU families use the fp32 for-loop
-   path (``use_grouped_mm = False``, see ``adapt_moe_args``).
+3. Its token permutation for expert parallelism (and GPU grouped GEMMs) always
+   launches a Triton kernel; torchtitan ships a CPU reference (``use_cpu=True``) that
+   we select for CPU tensors.
+4. Its grouped-mm experts (``_run_experts_grouped_mm``) cast to bf16, and pad each
+   expert's token group to a multiple of 8 rows (GPU GEMM alignment). For CPU tensors
+   ``GroupedExperts.forward`` (which ``ExpertBank`` inherits) runs ``torch._grouped_mm``
+   in the input's dtype instead (fp32 stays fp32; ``run_experts_grouped_mm_cpu``) on
+   the unpadded groups, which CPU grouped GEMMs accept: the for-loop path's
+   per-expert GEMMs, one call per weight.
 5. FSDP2 reduces gradients with ``PREMUL_SUM`` once torchtitan sets a divide factor,
    which gloo lacks (``adapt_fsdp``).
 
-``enable()`` runs when ``tiedmoe_titan`` is imported; it is idempotent.
+Every wrapper hands tensors on other devices to torchtitan's own function, so GPU
+behaviour is torchtitan's. ``enable()`` runs when ``tiedmoe_titan`` is imported; it is
+idempotent.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import platform
@@ -32,6 +37,8 @@ import resource
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 _enabled = False
 
@@ -113,6 +120,49 @@ def _permute_indices_on_cpu(generate_permute_indices):
     return wrapper
 
 
+class _DenseGrad(torch.autograd.Function):
+    """The identity, whose backward makes the incoming gradient contiguous: the CPU
+    backward of ``torch._grouped_mm`` rejects an expanded (stride-0) or strided
+    gradient ("Invalid strides/sizes"), which e.g. ``out.sum().backward()`` produces."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def run_experts_grouped_mm_cpu(w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
+    """torchtitan's ``_run_experts_grouped_mm`` computed in the dtype of ``x`` (no bf16
+    cast), for CPU tensors. Rows of ``x`` past the last group (expert parallelism's
+    padding) give unspecified output rows, as in torchtitan's grouped path; EP's token
+    combine drops them."""
+    offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+    w1, w2, w3 = (w.to(x.dtype).transpose(-2, -1) for w in (w1, w2, w3))
+    h = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
+    return _DenseGrad.apply(torch._grouped_mm(h, w2, offs=offsets))
+
+
+def _grouped_experts_on_cpu(forward):
+    """``GroupedExperts.forward`` that, on the grouped-mm path with CPU tensors, runs
+    ``run_experts_grouped_mm_cpu`` eagerly on the tokens as they come: no bf16 cast and
+    no padding of the expert groups (CPU grouped GEMMs need no row alignment; expert
+    parallelism's dispatch pads on its own). torchtitan's ``apply_compile`` never
+    compiles the experts module (only ``_run_experts_grouped_mm``, whose fake kernel
+    takes bf16 only), so this path stays eager under ``torch.compile`` as well."""
+
+    @functools.wraps(forward)
+    def wrapper(self, x, num_tokens_per_expert):
+        if not (self.use_grouped_mm and x.device.type == "cpu"):
+            return forward(self, x, num_tokens_per_expert)
+        weights = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        return run_experts_grouped_mm_cpu(*weights, x, num_tokens_per_expert)
+
+    return wrapper
+
+
 def enable() -> None:
     global _enabled
     if _enabled:
@@ -124,6 +174,10 @@ def enable() -> None:
     import torchtitan.models.moe.utils as moe_utils
 
     moe_utils.generate_permute_indices = _permute_indices_on_cpu(moe_utils.generate_permute_indices)
+
+    from torchtitan.models.moe.moe import GroupedExperts  # ExpertBank inherits its forward
+
+    GroupedExperts.forward = _grouped_experts_on_cpu(GroupedExperts.forward)
 
     if has_accelerator():
         return
@@ -138,13 +192,6 @@ def enable() -> None:
             module.device_type = "cpu"
         if hasattr(module, "device_module"):
             module.device_module = CpuDeviceModule
-
-
-def adapt_moe_args(moe_args):
-    """MoE settings that work on the device we run on (fp32 for-loop experts on CPU)."""
-    if not has_accelerator() and moe_args.use_grouped_mm:
-        return dataclasses.replace(moe_args, use_grouped_mm=False)
-    return moe_args
 
 
 def adapt_fsdp(model: torch.nn.Module) -> None:

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .. import cpu
 from ..tying import TieConfig, TieLayout
 from .accounting import count_params, flops_per_token
 
@@ -45,9 +44,8 @@ class TiedMoEArgs:
         return TieLayout.build(self.tying, self.moe_layer_ids(), moe.num_experts, moe.top_k, moe.num_expert_groups)
 
     def layer_moe_args(self):
-        """The MoEArgs every MoE layer is built with (expert bias from [routing], CPU path)."""
-        args = dataclasses.replace(self.moe_args, load_balance_coeff=self.routing.expert_bias_rate or None)
-        return cpu.adapt_moe_args(args)
+        """The MoEArgs every MoE layer is built with (expert bias from [routing])."""
+        return dataclasses.replace(self.moe_args, load_balance_coeff=self.routing.expert_bias_rate or None)
 
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
