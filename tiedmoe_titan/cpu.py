@@ -1,7 +1,8 @@
 """Everything needed to run torchtitan 0.2.2 on a machine without an accelerator.
 
 torchtitan 0.2.2 assumes a GPU in five places. Each fix below only changes behaviour
-in a case that would otherwise fail, and all of them live here:
+in a case that would otherwise fail (or, for the experts, compute in bf16 on CPU), and
+all of them live here:
 
 1. ``torchtitan.tools.utils`` falls back to ``device_type = "cuda"`` when no
    accelerator exists, and several modules copied that name at import time. We point
