@@ -169,8 +169,20 @@ def test_resume_refusals_are_one_clear_line(tmp_path):
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
     train(tmp_path, "--training.steps", "2", "--checkpoint.interval", "2")
-    # A NaN routing-loss weight makes every loss NaN from here on.
-    out = train(tmp_path, "--training.steps", "8", "--checkpoint.interval", "1", "--routing.aux_loss_coeff", "nan", "--nan_guard.max_skipped_steps", "1", check=False)
+    # The resumed process's cross-entropy is NaN at every step (a recipe cannot ask for
+    # that: a NaN loss weight is refused before the run starts).
+    nan_loss = (
+        "import runpy, sys, torch.nn.functional as F\n"
+        "ce = F.cross_entropy\n"
+        "F.cross_entropy = lambda *a, **k: ce(*a, **k) * float('nan')\n"
+        "sys.argv[0] = 'tiedmoe-train'\n"
+        "runpy.run_module('tiedmoe_titan.train', run_name='__main__')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", nan_loss, RECIPE, "--job.dump_folder", str(tmp_path), *SMALL,
+         "--training.steps", "8", "--checkpoint.interval", "1", "--nan_guard.max_skipped_steps", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 3, log[-2000:]
     assert "step skipped (1 of at most 1)" in log

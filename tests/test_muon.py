@@ -222,20 +222,23 @@ def test_recipe_chooses_muon():
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    "overrides, message",
     [
-        ({"name": "muon"}, "optimizer.name = 'muon': must be one of Adam, AdamW, Muon"),
-        ({"muon": MuonConfig(momentum=1.0)}, r"optimizer.muon.momentum = 1.0: must be in \[0, 1\)"),
-        ({"muon": MuonConfig(ns_steps=0)}, r"optimizer.muon.ns_steps = 0: must be an integer in \[1, 100\)"),
-        ({"early_step_in_backward": True}, "optimizer.early_step_in_backward = true is not supported with optimizer.name"),
+        (["--optimizer.name", "muon"], "optimizer.name = 'muon': must be one of 'Adam', 'AdamW', 'Muon'"),
+        (["--optimizer.muon.momentum", "1.0"], r"optimizer.muon.momentum = 1.0: must be in \[0, 1\)"),
+        (["--optimizer.muon.ns_steps", "0"], "optimizer.muon.ns_steps = 0: must be an integer >= 1"),
     ],
 )
-def test_bad_settings_are_one_line(change, message):
+def test_bad_settings_are_one_line(overrides, message):
+    with pytest.raises(RecipeError, match=message) as error:
+        parse_recipe("recipes/olmoe/regular_g4_muon.toml", overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_muon_refuses_early_step_in_backward():
     config = JobConfig().optimizer
-    config.name = "Muon"
-    for key, value in change.items():
-        setattr(config, key, value)
-    with pytest.raises(ValueError, match=message) as error:
+    config.name, config.early_step_in_backward = "Muon", True
+    with pytest.raises(ValueError, match="optimizer.early_step_in_backward = true is not supported with optimizer.name") as error:
         build_tied_optimizers([build_model("qwen3")], config, single_process_dims())
     assert "\n" not in str(error.value)
 

@@ -1,11 +1,9 @@
 """Every recipe parses, plans and (multi-node ones) shards at its true world size;
-recipe mistakes are one line, exit code 2, nothing written."""
+recipe mistakes are one line (more of them in test_recipe_errors.py)."""
 
 import dataclasses
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -89,7 +87,7 @@ def test_extends_merges_tables(tmp_path):
     [
         (f'extends = "{DEBUG}"\n[training]\nstep = 3\n', "unknown key [training] 'step': did you mean 'steps'?"),
         (f'extends = "{DEBUG}"\n[tyng]\ngroup_size = 3\n', "unknown key 'tyng': did you mean 'tying'?"),
-        (f'extends = "{DEBUG}"\n[tying]\ngroup_size = "2"\n', "tying.group_size = '2' must be int"),
+        (f'extends = "{DEBUG}"\n[tying]\ngroup_size = "2"\n', "tying.group_size = '2' must be an integer"),
         (f'extends = "{DEBUG}"\n[lr_scheduler]\ndecay_type = "cosin"\n', "lr_scheduler.decay_type = 'cosin' must be one of"),
     ],
 )
@@ -114,18 +112,6 @@ def test_impossible_runs_are_refused(overrides, message):
     with pytest.raises(RecipeError) as err:
         check_run(parse_recipe("recipes/debug_cpu.toml", overrides), 1)
     assert message in str(err.value) and "\n" not in str(err.value)
-
-
-def test_cli_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "tiedmoe_titan.train", "recipes/debug_cpu.toml", "--job.dump_folder", str(out), "--tying.grup_size", "2"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == "tiedmoe-train: error: command line: unknown key [tying] 'grup_size': did you mean 'group_size'?"
-    assert "Traceback" not in result.stdout + result.stderr
-    assert not out.exists()
 
 
 def test_seed_is_always_set_and_resolved_recipe_round_trips(tmp_path):

@@ -43,6 +43,7 @@ from .data.shard_format import write_json_atomic
 from .tokenizer import tokenizer_identity
 
 STEP = re.compile(r"^step-(\d+)$")
+DCP_METADATA = ".metadata"  # written last, atomically: a checkpoint without it is incomplete
 
 
 @dataclass
@@ -97,8 +98,13 @@ def tokenizer_mismatch(checkpoint_dir: str, tokenizer, key: str = "model.hf_asse
     path = os.path.join(checkpoint_dir, TOKENIZER_RECORD)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        recorded = json.load(f)
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{path} cannot be read ({e}): restore it, or delete it to skip the tokenizer check"
+    if not isinstance(recorded, dict):
+        return f"{path} is not a tokenizer record (a JSON object): restore it, or delete it to skip the tokenizer check"
     now = tokenizer_identity(tokenizer)
     if recorded.get("sha256") == now["sha256"]:
         return None
@@ -123,7 +129,7 @@ def complete_steps(folder: str) -> list[int]:
     return sorted(
         int(m.group(1))
         for name in os.listdir(folder)
-        if (m := STEP.match(name)) and os.path.isfile(os.path.join(folder, name, ".metadata"))
+        if (m := STEP.match(name)) and os.path.isfile(os.path.join(folder, name, DCP_METADATA))
     )
 
 
@@ -162,7 +168,7 @@ def set_aside_incomplete(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         return moved
     for name in sorted(os.listdir(folder)):
-        if STEP.match(name) and not os.path.isfile(os.path.join(folder, name, ".metadata")):
+        if STEP.match(name) and not os.path.isfile(os.path.join(folder, name, DCP_METADATA)):
             moved.append(set_aside(folder, name, "incomplete"))
             latest = complete_steps(folder)
             resume = f"step-{latest[-1]}" if latest else "no complete checkpoint (fresh start)"

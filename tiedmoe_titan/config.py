@@ -19,16 +19,21 @@ types, a tie layout that cannot work, parallel degrees that do not factor the wo
 size or do not divide the banks, missing data or tokenizer files.
 """
 
+import argparse
+import contextlib
 import dataclasses
 import difflib
+import io
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import NanGuardConfig, tokenizer_mismatch
+from .checkpoint import DCP_METADATA, NanGuardConfig, tokenizer_mismatch
 from .data import DataConfig
+from .domains import DOMAINS
 from .models.family import RoutingConfig
 from .muon import OptimizerWithMuon
 from .tying import TieConfig
@@ -55,6 +60,14 @@ class RecipeError(ValueError):
     """A recipe mistake, as one line naming the key and the fix."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the project's commands: a command-line mistake is one line
+    (``PROG: error: ...``, exit code 2), not a usage block and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 # ---- loading ------------------------------------------------------------------------
 
 
@@ -68,7 +81,11 @@ def load_recipe(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
             values = tomllib.load(f)
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {path} is a folder: name a .toml file") from None
+    except OSError as e:
+        raise RecipeError(f"recipe {path} cannot be read: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     base = values.pop(EXTENDS, None)
     if base is None:
@@ -96,14 +113,16 @@ def job_config_class():
 def parse_recipe(recipe: str, overrides: list[str] = ()):
     """A torchtitan job config (with our sections) from a recipe file and CLI overrides.
 
-    Key and type mistakes raise ``RecipeError``; a seed is always set (0 if the recipe
-    has none), so every run is reproducible and records its seed."""
+    Key, type and domain mistakes (``domains.DOMAINS``), in the file or on the command
+    line, raise ``RecipeError`` (one line) before torchtitan builds its config, whose
+    own checks are asserts; a seed is always set (0 if the recipe has none), so every
+    run is reproducible and records its seed."""
     from torchtitan.config import ConfigManager
 
     values = load_recipe(recipe)
     config_cls = job_config_class()
     check_values(values, config_cls, where=recipe)
-    check_override_keys(list(overrides), config_cls)
+    check_command_line(list(overrides), config_cls)
 
     class RecipeManager(ConfigManager):
         def _maybe_load_toml(self, args):  # the merged recipe, not a single file
@@ -112,10 +131,35 @@ def parse_recipe(recipe: str, overrides: list[str] = ()):
         def _validate_config(self):  # its checks concern HF tokenizer folders; check_run covers ours
             pass
 
-    job_config = RecipeManager().parse_args(["--job.custom_config_module", CONFIG_MODULE, *overrides])
+    job_config = _quiet_tyro(lambda: RecipeManager().parse_args(["--job.custom_config_module", CONFIG_MODULE, *overrides]))
     if job_config.debug.seed is None:
         job_config.debug.seed = 0
     return job_config
+
+
+def _quiet_tyro(parse):
+    """Run tyro's parse; a command line it refuses becomes one RecipeError line instead
+    of its framed, many-line message (``--help`` still prints and exits as usual)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parse()
+    except SystemExit as e:
+        if not e.code:
+            sys.stderr.write(captured.getvalue())
+            raise
+        raise RecipeError(f"command line: {_first_paragraph(captured.getvalue())}") from None
+
+
+def _first_paragraph(framed: str) -> str:
+    """The text of a tyro error frame up to its first rule, as one line."""
+    words = []
+    for line in framed.splitlines()[1:]:
+        text = line.strip().strip("│").strip()
+        if text.startswith(("─", "╰")):
+            break
+        words.append(text)
+    return " ".join(w for w in words if w) or "cannot be parsed (see --help)"
 
 
 # ---- key and type checks ----------------------------------------------------------
@@ -152,9 +196,15 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    return getattr(hint, "__name__", str(hint)).replace("typing.", "")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return "a list"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "None"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _unknown(key: str, valid: list[str], where: str, section: str) -> RecipeError:
@@ -164,7 +214,7 @@ def _unknown(key: str, valid: list[str], where: str, section: str) -> RecipeErro
 
 
 def check_values(values: dict, cls, where: str, prefix: str = "") -> None:
-    """Every key of ``values`` names a field of ``cls`` and has its type."""
+    """Every key of ``values`` names a field of ``cls``, has its type and is in its domain."""
     fields = _fields(cls)
     for key, value in values.items():
         name = f"{prefix}{key}"
@@ -178,24 +228,97 @@ def check_values(values: dict, cls, where: str, prefix: str = "") -> None:
             check_values(value, hint, where, f"{name}.")
         elif not _type_ok(value, hint):
             raise RecipeError(f"{where}: {name} = {value!r} must be {_type_name(hint)}")
+        elif name in DOMAINS and not DOMAINS[name].accepts(value):
+            raise RecipeError(f"{where}: {name} = {value!r}: must be {DOMAINS[name].says}")
 
 
-def check_override_keys(overrides: list[str], cls) -> None:
-    """Command-line ``--section.key`` names exist (tyro checks the values)."""
-    for arg in overrides:
+def check_command_line(overrides: list[str], cls) -> None:
+    """Command-line ``--section.key [value ...]`` names exist and their values parse as
+    the key's type, each mistake one line naming the key (tyro's own messages are
+    framed boxes; ``_quiet_tyro`` catches what this misses)."""
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        i += 1
         if not arg.startswith("--") or arg in ("--help", "-h"):
             continue
-        path = arg[2:].split("=", 1)[0].replace("-", "_").split(".")
-        current = cls
-        for i, part in enumerate(path):
-            fields = _fields(current)
-            name = part[3:] if i == len(path) - 1 and part.startswith("no_") and part[3:] in fields else part
-            if name not in fields:
-                section = f"[{'.'.join(path[:i])}] " if i else ""
-                raise _unknown(".".join(path[: i + 1]), list(fields), "command line", section)
-            current = fields[name]
-            if not dataclasses.is_dataclass(current):
-                break
+        name, inline = (arg[2:].split("=", 1) + [None])[:2]
+        values = [inline] if inline is not None else []
+        while inline is None and i < len(overrides) and not overrides[i].startswith("--"):
+            values.append(overrides[i])
+            i += 1
+        hint = _override_hint(name, cls)
+        if hint is not None:
+            _check_override_values(arg if inline is None else f"--{name}", name.replace("-", "_"), values, hint)
+
+
+def _override_hint(name: str, cls) -> Any:
+    """The type hint of ``--name`` (None for a table, whose own keys follow)."""
+    path = name.replace("-", "_").split(".")
+    current = cls
+    for i, part in enumerate(path):
+        fields = _fields(current)
+        if i == len(path) - 1 and part.startswith("no_") and part[3:] in fields and _is_flag(fields[part[3:]]):
+            part = part[3:]
+        if part not in fields:
+            section = f"[{'.'.join(path[:i])}] " if i else ""
+            raise _unknown(".".join(path[: i + 1]), list(fields), "command line", section)
+        current = fields[part]
+        if not dataclasses.is_dataclass(current):
+            return current if i == len(path) - 1 else None
+    return None
+
+
+def _is_flag(hint: Any) -> bool:
+    return hint is bool or (typing.get_origin(hint) in (typing.Union, types.UnionType) and bool in typing.get_args(hint))
+
+
+def _check_override_values(arg: str, key: str, values: list[str], hint: Any) -> None:
+    where = f"command line: {arg}"
+    if _is_flag(hint):
+        if values:
+            flag = arg.split(".")[-1].removeprefix("no-").removeprefix("no_")
+            section = arg[: -len(arg.split(".")[-1])]
+            raise RecipeError(
+                f"{where} {' '.join(values)}: a switch takes no value: write {section}{flag} or {section}no-{flag}"
+            )
+        return
+    if hint != list[str] and typing.get_origin(hint) in (list, tuple):
+        return
+    if len(values) != 1:
+        form = "one comma-separated value (a,b,c)" if hint == list[str] else "one value"
+        raise RecipeError(f"{where}: takes {form}, got {len(values)}" + (f" ({' '.join(values)})" if values else ""))
+    try:
+        value = _from_text(values[0], hint)
+    except ValueError:
+        raise RecipeError(f"{where} {values[0]}: must be {_type_name(hint)}") from None
+    if key in DOMAINS and not DOMAINS[key].accepts(value):
+        raise RecipeError(f"command line: {key} = {value!r}: must be {DOMAINS[key].says}")
+
+
+def _from_text(text: str, hint: Any) -> Any:
+    """A command-line value as tyro will read it (ValueError if it cannot)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _from_text(text, option)
+            except ValueError:
+                pass
+        raise ValueError(text)
+    if hint is type(None):
+        if text != "None":
+            raise ValueError(text)
+        return None
+    if origin is typing.Literal:
+        if text not in (str(a) for a in args):
+            raise ValueError(text)
+        return text
+    if hint in (int, float):
+        return hint(text)
+    if hint == list[str]:
+        return text.split(",")
+    return text
 
 
 # ---- checks before a run starts -----------------------------------------------------
@@ -285,6 +408,22 @@ def check_run(job_config, world_size: int) -> None:
 
     spec, args = model_args_of(job_config)
     dims = parallel_dims_of(job_config, world_size)
+    check_dump_folder(job_config.job.dump_folder)
+    for name in ("training", "validation"):
+        loader = getattr(job_config, name).dataloader
+        if loader.prefetch_factor is not None and loader.num_workers == 0:
+            raise RecipeError(
+                f"{name}.dataloader.prefetch_factor = {loader.prefetch_factor} needs loader workers: "
+                f"set {name}.dataloader.num_workers >= 1 or leave prefetch_factor unset"
+            )
+    if job_config.compile.enable:
+        from torch._dynamo import list_backends
+
+        if job_config.compile.backend not in list_backends(exclude_tags=()):
+            raise RecipeError(
+                f"compile.backend = {job_config.compile.backend!r} is not a torch.compile backend: "
+                f"use one of {', '.join(list_backends())}"
+            )
     try:
         check_parallelism(spec.model_cls, args.tie_layout(), dims, job_config)
     except UnsupportedParallelism as e:
@@ -310,12 +449,38 @@ def check_run(job_config, world_size: int) -> None:
             f"{job_config.model.name} / {job_config.model.flavor}: use a matching tokenizer or flavor"
         )
     initial = job_config.checkpoint.initial_load_path
-    if initial and (mismatch := tokenizer_mismatch(initial, tokenizer)):
-        raise RecipeError(mismatch)
+    if initial:
+        check_initial_checkpoint(initial, job_config.checkpoint.initial_load_in_hf)
+        if mismatch := tokenizer_mismatch(initial, tokenizer):
+            raise RecipeError(mismatch)
     try:  # opens the data as the loaders will (text inputs: tokenized once into the cache)
         check_data(job_config, tokenizer, dp)
     except (ValueError, FileNotFoundError) as e:
         raise RecipeError(str(e)) from None
+
+
+def check_dump_folder(folder: str) -> None:
+    """The outputs folder is a folder, or can be made one (nothing is created here)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise RecipeError(f"job.dump_folder = {folder!r}: {path} is a file, not a folder: choose another dump folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RecipeError(f"job.dump_folder = {folder!r}: {path} is not writable: choose another dump folder")
+
+
+def check_initial_checkpoint(path: str, in_hf: bool) -> None:
+    """``checkpoint.initial_load_path`` is a complete DCP checkpoint (or, with
+    ``initial_load_in_hf``, a folder)."""
+    key = f"checkpoint.initial_load_path = {path!r}"
+    if not os.path.isdir(path):
+        raise RecipeError(f"{key}: no such folder")
+    if not in_hf and not os.path.isfile(os.path.join(path, DCP_METADATA)):
+        raise RecipeError(
+            f"{key}: not a complete DCP checkpoint (no {DCP_METADATA}): point it at a step-N folder or at "
+            "tiedmoe-import's OUTDIR/model"
+        )
 
 
 # ---- the resolved recipe ------------------------------------------------------------

@@ -12,7 +12,6 @@ one window is left out), in nats; perplexity is its exponential.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import RecipeError, model_args_of, parse_recipe
+from .config import ArgumentParser, RecipeError, model_args_of, parse_recipe
 from .data import open_sources, resolve_dataset_files
 from .hf.checkpoints import ProjectModel, find_recipe, find_step, read_model_state, single_process
 from .hf.errors import HFInteropError
@@ -121,7 +120,7 @@ def _windows(sources, width: int, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step-N folder written by tiedmoe-train, or its checkpoint folder (latest step)")
     parser.add_argument("--data", required=True, help="held-out data: .txt / .jsonl / .parquet globs or token-shard folders, comma-separated")
     parser.add_argument("--recipe", help="the run's recipe (default: recipe.resolved.toml above CHECKPOINT)")

@@ -10,7 +10,8 @@ Picks what a single-node run needs and passes the recipe through to ``tiedmoe-tr
 * logs of local rank 0 only, and on CPU the cores split evenly between the processes
   (the cores this process may run on, e.g. a SLURM allocation, not the whole host).
 
-The recipe is checked before anything is launched: a mistake is one line, exit code 2.
+The recipe gets the trainers' full check (``config.check_run``, at the world size this
+launch gives) before torchrun starts: a mistake is one line, exit code 2, nothing written.
 
 Preemption signals (SIGTERM, SIGUSR1) must reach the trainers, which stop at the next
 step boundary with a full checkpoint, and torchrun must wait for them. torchrun itself
@@ -53,14 +54,33 @@ def recipe_world_size(job_config) -> int:
     return shard * p.data_parallel_replicate_degree * p.context_parallel_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
 
 
+class LaunchError(ValueError):
+    """A launch setting that cannot work; one line."""
+
+
+def _count_from_env(env: dict[str, str], name: str) -> int | None:
+    if name not in env:
+        return None
+    try:
+        count = int(env[name])
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise LaunchError(f"{name}={env[name]!r}: must be a whole number >= 1")
+    return count
+
+
+def nodes_and_processes(job_config, env: dict[str, str]) -> tuple[int, int]:
+    """(nodes, processes per node) of this launch."""
+    nnodes = _count_from_env(env, "NNODES") or 1
+    nproc = _count_from_env(env, "NPROC")
+    if nproc is None:
+        nproc = torch.cuda.device_count() if torch.cuda.is_available() else max(recipe_world_size(job_config) // nnodes, 1)
+    return nnodes, nproc
+
+
 def torchrun_command(recipe: str, overrides: list[str], job_config, env: dict[str, str]) -> list[str]:
-    nnodes = int(env.get("NNODES", "1"))
-    if "NPROC" in env:
-        nproc = int(env["NPROC"])
-    elif torch.cuda.is_available():
-        nproc = torch.cuda.device_count()
-    else:
-        nproc = max(recipe_world_size(job_config) // nnodes, 1)
+    nnodes, nproc = nodes_and_processes(job_config, env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--local-ranks-filter", "0"]
     if nnodes > 1:
         cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", env["RDZV_ENDPOINT"], "--rdzv-id", env.get("RDZV_ID", "tiedmoe")]
@@ -127,11 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit(USAGE)
-    from .config import RecipeError, parse_recipe
+    from .config import RecipeError, check_run, parse_recipe
 
+    # The trainers' own check, at the world size this launch gives, before torchrun starts.
     try:
         job_config = parse_recipe(argv[0], argv[1:])
-    except RecipeError as e:
+        nnodes, nproc = nodes_and_processes(job_config, dict(os.environ))
+        check_run(job_config, nnodes * nproc)
+    except (RecipeError, LaunchError) as e:
         print(f"tiedmoe-launch: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     cmd = torchrun_command(argv[0], argv[1:], job_config, dict(os.environ))

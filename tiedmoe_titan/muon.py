@@ -82,21 +82,6 @@ class OptimizerWithMuon:
     muon: MuonConfig = field(default_factory=MuonConfig)
 
 
-def check_muon_config(config: MuonConfig) -> None:
-    """Refuse settings Muon cannot use, in one line naming the key."""
-    checks = {
-        "adamw_lr_ratio": (config.adamw_lr_ratio > 0, "must be > 0 (0.1 in the paper)"),
-        "momentum": (0 <= config.momentum < 1, "must be in [0, 1) (0.95 in the paper)"),
-        "ns_steps": (1 <= config.ns_steps < 100, "must be an integer in [1, 100) (5 in the paper)"),
-        "ns_dtype": (config.ns_dtype in NS_DTYPES, "must be bfloat16 or float32"),
-        "adjust_lr_fn": (config.adjust_lr_fn in ("original", "match_rms_adamw"), "must be original or match_rms_adamw"),
-        "weight_decay": (config.weight_decay is None or config.weight_decay >= 0, "must be >= 0, or unset to use optimizer.weight_decay"),
-    }
-    for key, (ok, fix) in checks.items():
-        if not ok:
-            raise ValueError(f"optimizer.muon.{key} = {getattr(config, key)!r}: {fix}")
-
-
 # ---- which parameters Muon trains --------------------------------------------------
 
 

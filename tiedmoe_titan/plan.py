@@ -10,7 +10,6 @@ recipe's degrees give on that many ranks, whether it fits, and what would.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -21,7 +20,7 @@ import torch
 
 import tiedmoe_titan  # noqa: F401  (registers the train specs)
 
-from .config import RecipeError, model_args_of, parallel_dims_of, parse_recipe
+from .config import ArgumentParser, RecipeError, model_args_of, parallel_dims_of, parse_recipe
 from .memory import MemoryPlanError, StepShape, estimate, meta_model
 from .models.accounting import ParamCounts, count_params
 from .parallelize import UnsupportedParallelism, check_parallelism
@@ -275,7 +274,7 @@ def format_memory_plan(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tiedmoe-plan", description=__doc__.split("\n\n")[1])
+    parser = ArgumentParser(prog="tiedmoe-plan", description=__doc__.split("\n\n")[1])
     parser.add_argument("recipe")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -289,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         job_config = parse_recipe(args.recipe, overrides)
         p = plan(job_config)
-        if args.shard_dry_run:
+        if args.shard_dry_run is not None:
+            if args.shard_dry_run < 1:
+                raise RecipeError(f"--shard-dry-run {args.shard_dry_run}: give the number of ranks to simulate (>= 1)")
             p["shard_dry_run"] = shard_dry_run(job_config, args.shard_dry_run)
         if (args.nodes is None) != (args.gpus_per_node is None):
             raise RecipeError("--nodes and --gpus-per-node go together: give both")
@@ -302,11 +303,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(p))
         return
     print(format_plan(p))
-    if args.shard_dry_run:
+    if "shard_dry_run" in p:
         d = p["shard_dry_run"]
         print(
-            f"per rank of {d['world_size']} ({d['mesh']}): parameters {_human(d['per_rank_param_bytes'])}B "
-            f"(routed experts {_human(d['per_rank_expert_param_bytes'])}B)"
+            f"per rank of {d['world_size']} ({d['mesh']}): parameters {_gib(d['per_rank_param_bytes'])} GiB "
+            f"(routed experts {_gib(d['per_rank_expert_param_bytes'])} GiB)"
         )
     if "memory" in p:
         print(format_memory_plan(p["memory"]))

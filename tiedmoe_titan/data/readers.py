@@ -49,15 +49,31 @@ class DocumentReader:
         return self._done
 
     def __iter__(self) -> Iterator[str]:
-        if self.path.endswith(".parquet"):
-            yield from _iter_parquet_documents(self.path)
-        else:
-            with open(self.path, "rb") as raw:
-                self._raw = raw
-                text = text_stream(self.path, raw)
-                reader = _iter_txt_documents if self.path.endswith(".txt") else _iter_jsonl_documents
-                yield from reader(self.path, text)
+        # A file that exists but cannot be decoded is a one-line error naming it.
+        try:
+            if self.path.endswith(".parquet"):
+                yield from _iter_parquet_documents(self.path)
+            else:
+                with open(self.path, "rb") as raw:
+                    self._raw = raw
+                    text = text_stream(self.path, raw)
+                    reader = _iter_txt_documents if self.path.endswith(".txt") else _iter_jsonl_documents
+                    yield from reader(self.path, text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: not UTF-8 text ({e.reason}): convert it to UTF-8") from None
+        except _damage_errors(self.path) as e:
+            raise ValueError(f"{self.path}: cannot be read ({e})") from None
         self._done = os.path.getsize(self.path)
+
+
+def _damage_errors(path: str) -> tuple[type[BaseException], ...]:
+    """What reading an unreadable or damaged file of this kind raises."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError)  # EOFError: a truncated .gz
+    if path.endswith(".zst"):
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    return errors
 
 
 def text_stream(path: str, raw: io.BufferedReader) -> io.TextIOWrapper:
@@ -108,7 +124,12 @@ def _iter_parquet_documents(path: str) -> Iterator[str]:
     """
     import pyarrow.parquet as pq  # comes with `datasets`; only parquet users need it
 
-    parquet = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     columns = parquet.schema_arrow.names
     if "text" not in columns:
         raise ValueError(f"{path}: no 'text' column (it has: {', '.join(columns)})")

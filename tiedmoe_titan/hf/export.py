@@ -15,10 +15,9 @@ latest complete step); the model comes from the ``recipe.resolved.toml`` of that
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ..config import RecipeError
+from ..config import ArgumentParser, RecipeError
 from .checkpoints import find_recipe, find_step, model_of_recipe, read_model_state
 from .errors import HFInteropError
 from .files import make_output_folder, write_safetensors
@@ -62,7 +61,7 @@ def export(checkpoint: str, outdir: str, fmt: str, recipe: str | None = None, dr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step-N folder written by tiedmoe-train, or its checkpoint folder (latest step)")
     parser.add_argument("outdir", help="new folder for the Hugging Face model")
     parser.add_argument("--format", choices=FORMATS, required=True, help="hf-untied: standard transformers folder; hf-tied: banks once + tie map")

@@ -19,7 +19,7 @@ import os
 import typing
 from typing import Any
 
-from ..config import RecipeError
+from ..config import RecipeError, check_values
 from ..models.family import TiedMoEArgs
 
 FLAVOR_FILE_SUFFIX = ".json"
@@ -58,6 +58,7 @@ def _dataclass_from_dict(cls: type, values: Any, where: str):
     unknown = sorted(set(values) - names)
     if unknown:
         raise RecipeError(f"{where}: unknown field {unknown[0]!r} of {cls.__name__}: was it written for another family?")
+    check_values(values, cls, where)
     kwargs = {
         key: _dataclass_from_dict(hints[key], value, where) if dataclasses.is_dataclass(hints[key]) else value
         for key, value in values.items()

@@ -16,7 +16,6 @@ checkpoint: continued pretraining with another tokenizer is refused.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -25,7 +24,7 @@ import sys
 import torch
 
 from ..checkpoint import record_tokenizer
-from ..config import RecipeError
+from ..config import ArgumentParser, RecipeError
 from ..tokenizer import HF_FILES, is_hf_folder, load_tokenizer
 from ..models import FAMILIES
 from ..tying import TieConfig, TieConfigError
@@ -121,7 +120,7 @@ def model_tokenizer(hf_dir: str, vocab_size: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("hf_dir", help="folder of a Hugging Face OLMoE or Qwen3-MoE model (config.json + safetensors)")
     parser.add_argument("outdir", help=f"new folder for the project checkpoint, flavor and {IMPORT_RECIPE}")
     parser.add_argument("--tie-group-size", type=int, default=1, help="G: consecutive MoE layers sharing one bank (1: exact conversion)")
