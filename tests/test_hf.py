@@ -128,7 +128,7 @@ def test_export_logits_match_transformers(tmp_path, capsys, family, group_size):
     assert type(untied).__name__ == {"olmoe": "OlmoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}[family]
     diff_untied = logits_diff(model, untied)
 
-    code, _, err = run_cli(export_main, [step.parent, tmp_path / "tied", "--format", "hf-tied"], capsys)
+    code, _, err = run_cli(export_main, [step.parent.parent, tmp_path / "tied", "--format", "hf-tied"], capsys)  # the dump folder
     assert code == 0, err
     tied = load_tied_pretrained(str(tmp_path / "tied"))
     diff_tied = logits_diff(model, tied)
@@ -191,6 +191,22 @@ def test_import_then_export_reproduces_the_checkpoint(tmp_path, capsys, family, 
     assert all(torch.equal(original[k], back[k]) for k in original)
 
 
+@pytest.mark.parametrize("folder", ["", "model"])
+def test_export_takes_an_import_as_it_stands(tmp_path, capsys, folder):
+    """The import's OUTDIR or its model/ exports without --recipe: export finds the
+    checkpoint and the recipe.toml the import wrote."""
+    hf_model, hf_dir = hf_checkpoint(tmp_path, "qwen3")
+    out = tmp_path / "out"
+    assert run_cli(import_main, [hf_dir, out], capsys)[0] == 0
+    code, printed, err = run_cli(export_main, [out / folder, tmp_path / "back", "--format", "hf-untied"], capsys)
+    assert code == 0, err
+    assert f"model of {out / 'recipe.toml'}" in printed and f"from {out / 'model'}" in printed
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        diff = (back(tokens()).logits - hf_model(tokens()).logits).abs().max().item()
+    assert diff <= TOLERANCE
+
+
 def test_imported_checkpoint_trains_with_its_own_tokenizer_evaluates_and_exports(tmp_path, capsys):
     """An import (tied, G=2) of a model folder with its Hugging Face tokenizer (a tiny BPE
     built here) copies the tokenizer and records it; the corpus is tokenized with it into
@@ -236,7 +252,7 @@ def test_imported_checkpoint_trains_with_its_own_tokenizer_evaluates_and_exports
     result = json.loads(printed.strip().splitlines()[-1])
     assert 0 < result["loss"] < 2 * math.log(400) and "out/tokenizer" in err  # scored with the model's own tokenizer
 
-    code, _, err = run_cli(export_main, [dump / "checkpoint", tmp_path / "exported", "--format", "hf-untied"], capsys)
+    code, _, err = run_cli(export_main, [dump, tmp_path / "exported", "--format", "hf-untied"], capsys)
     assert code == 0, err
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").config.model_type == "olmoe"
 
@@ -281,4 +297,7 @@ def test_export_refuses_a_checkpoint_of_another_layout_and_a_non_checkpoint(tmp_
     err = one_line_error(*run_cli(export_main, [step, tmp_path / "x", "--format", "hf-tied"], capsys)[::2], "tiedmoe-export")
     assert "layers.1 owns a bank in the recipe but not in the checkpoint" in err
     err = one_line_error(*run_cli(export_main, [tmp_path, tmp_path / "x", "--format", "hf-tied"], capsys)[::2], "tiedmoe-export")
-    assert "is not a complete DCP checkpoint" in err
+    assert "is not a complete DCP checkpoint" in err and "pass a step-N folder" in err
+    (step.parent.parent / "model").symlink_to(step)  # e.g. a run dumped into an import's OUTDIR
+    err = one_line_error(*run_cli(export_main, [step.parent.parent, tmp_path / "x", "--format", "hf-tied"], capsys)[::2], "tiedmoe-export")
+    assert "holds 2 checkpoints" in err and "pass the one to use" in err

@@ -4,7 +4,8 @@
   ``<dump_folder>/<checkpoint.folder>/step-N`` (complete once ``.metadata`` exists)
   and, in the dump folder above it, ``recipe.resolved.toml``, which names the model.
 * What ``tiedmoe-import`` writes: a model-only DCP checkpoint, a flavor file of the
-  model's shape and a recipe that trains it (see ``write_import``).
+  model's shape and a recipe that trains it (see ``write_import``); tiedmoe-export reads
+  it as it stands too.
 
 Both run in one process without a process group (DCP's single-process mode).
 """
@@ -73,25 +74,51 @@ def model_of_recipe(recipe: str) -> ProjectModel:
     return ProjectModel(family, args, spec.model_cls)
 
 
-def find_step(path: str) -> str:
-    """The complete DCP checkpoint at ``path``: a step folder, or the latest complete
-    step of a checkpoint folder."""
+def checkpoint_at(path: str) -> str | None:
+    """The complete DCP checkpoint ``path`` is: itself (a step folder, or an import's
+    ``model/``) or the latest complete step of it (a checkpoint folder); None: neither."""
     if os.path.isfile(os.path.join(path, ".metadata")):
         return path
     steps = complete_steps(path)
-    if steps:
-        return os.path.join(path, f"step-{steps[-1]}")
-    raise HFInteropError(f"{path} is not a complete DCP checkpoint (no .metadata) nor a folder of step-N checkpoints")
+    return os.path.join(path, f"step-{steps[-1]}") if steps else None
+
+
+def find_step(path: str) -> str:
+    """The complete DCP checkpoint at ``path``: a step folder, the latest complete step of a
+    checkpoint folder, or either of these as the one checkpoint in ``path`` (a run's dump
+    folder holds ``checkpoint/``, tiedmoe-import's OUTDIR ``model/``)."""
+    found = checkpoint_at(path)
+    if found:
+        return found
+    inside = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    found_inside = [c for c in (checkpoint_at(os.path.join(path, name)) for name in inside) if c]
+    if len(found_inside) > 1:
+        raise HFInteropError(f"{path} holds {len(found_inside)} checkpoints ({', '.join(found_inside)}): pass the one to use")
+    if found_inside:
+        return found_inside[0]
+    raise HFInteropError(
+        f"{path} is not a complete DCP checkpoint (no .metadata), a folder of step-N checkpoints, nor a folder holding one: "
+        "pass a step-N folder, a run's checkpoint folder or tiedmoe-import's OUTDIR"
+    )
 
 
 def find_recipe(step_dir: str) -> str:
-    """The ``recipe.resolved.toml`` tiedmoe-train wrote in the dump folder above ``step_dir``."""
+    """The recipe of the checkpoint at ``step_dir``, from the nearest folder above it that has
+    one: the ``recipe.resolved.toml`` tiedmoe-train wrote in its dump folder, or the
+    ``recipe.toml`` tiedmoe-import wrote next to its ``model/`` (looked for only there:
+    elsewhere that name may be any recipe)."""
     folder = os.path.dirname(os.path.abspath(step_dir))
-    for _ in range(RECIPE_SEARCH_DEPTH):
-        if os.path.isfile(os.path.join(folder, RESOLVED_RECIPE)):
-            return os.path.join(folder, RESOLVED_RECIPE)
+    candidates = [os.path.join(folder, RESOLVED_RECIPE), os.path.join(folder, IMPORT_RECIPE)]
+    for _ in range(RECIPE_SEARCH_DEPTH - 1):
         folder = os.path.dirname(folder)
-    raise HFInteropError(f"no {RESOLVED_RECIPE} in the folders above {step_dir}: pass --recipe with the recipe it was trained with")
+        candidates.append(os.path.join(folder, RESOLVED_RECIPE))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise HFInteropError(
+        f"no {RESOLVED_RECIPE} in the folders above {step_dir} nor an import's {IMPORT_RECIPE} next to it: "
+        "pass --recipe with the recipe it was trained with"
+    )
 
 
 def read_model_state(step_dir: str, model: ProjectModel, recipe: str) -> dict[str, torch.Tensor]:

@@ -9,8 +9,10 @@ as a Hugging Face OLMoE / Qwen3-MoE folder.
   tie map in config.json; ``tiedmoe_titan.hf.load_tied_pretrained`` loads it with the
   banks shared in memory.
 
-CHECKPOINT is a step folder written by tiedmoe-train (or its checkpoint folder: the
-latest complete step); the model comes from the ``recipe.resolved.toml`` of that run.
+CHECKPOINT is a step folder written by tiedmoe-train, its checkpoint folder (the latest
+complete step) or the run's dump folder; the model comes from the ``recipe.resolved.toml``
+of that run. tiedmoe-import's OUTDIR (or its ``model/``) exports as it stands, with the
+``recipe.toml`` the import wrote.
 """
 
 from __future__ import annotations
@@ -62,10 +64,10 @@ def export(checkpoint: str, outdir: str, fmt: str, recipe: str | None = None, dr
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a step-N folder written by tiedmoe-train, or its checkpoint folder (latest step)")
+    parser.add_argument("checkpoint", help="a step-N folder, a run's checkpoint or dump folder (latest step), or tiedmoe-import's OUTDIR")
     parser.add_argument("outdir", help="new folder for the Hugging Face model")
     parser.add_argument("--format", choices=FORMATS, required=True, help="hf-untied: standard transformers folder; hf-tied: banks once + tie map")
-    parser.add_argument("--recipe", help="the run's recipe (default: recipe.resolved.toml above CHECKPOINT)")
+    parser.add_argument("--recipe", help="the run's recipe (default: recipe.resolved.toml above CHECKPOINT, or an import's recipe.toml)")
     parser.add_argument("--drop-expert-bias", action="store_true", help="export although the routers' expert biases are non-zero")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
