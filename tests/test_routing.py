@@ -35,20 +35,48 @@ def test_losses_equal_direct_computation():
     assert z.item() == pytest.approx(float(expected_z), rel=1e-6)
 
 
-def test_uniform_routing_gives_the_minimum_balance_loss():
-    args = flavor_args("qwen3", tying=TIED_2)
-    args.moe_args._debug_force_load_balance = True
-    from tiedmoe_titan.models import TiedQwen3Model
+def test_balance_loss_is_one_when_balanced_and_grows_as_routing_collapses():
+    """1.0 is the loss of a uniform router with a uniform load; a router that sends
+    every token to the same top-k experts scores E / k (here 4)."""
+    num_tokens, num_experts, top_k = 64, 8, 2
+    balanced = torch.full((num_experts,), num_tokens * top_k // num_experts)
+    lb, _ = routing_losses(torch.zeros(num_tokens, num_experts), balanced, top_k, "softmax")
+    assert lb.item() == pytest.approx(1.0, abs=1e-6)
+    losses = []
+    for margin in (0.5, 2.0, 30.0):  # experts 0 and 1 preferred by this logit margin
+        logits = torch.zeros(num_tokens, num_experts)
+        logits[:, :2] = margin
+        counts = torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=num_experts)
+        losses.append(routing_losses(logits, counts, top_k, "softmax")[0].item())
+    assert 1.0 < losses[0] < losses[1] < losses[2]
+    assert losses[2] == pytest.approx(num_experts / top_k, rel=1e-6)
 
-    model = TiedQwen3Model(args)
-    with torch.no_grad():
-        model.init_weights()
-    model(tokens())
+
+@pytest.mark.parametrize(("family", "tying"), [("qwen3", TIED_2), ("deepseek", TieConfig(group_size=2, untied_first=1))])
+def test_each_layer_of_a_group_balances_its_own_router_and_load(family, tying):
+    """Layers sharing a bank report losses from their own router logits and their own
+    routed counts, not the bank's or a neighbour's."""
+    model = build_model(family, tying)
     layers = tied_moe_layers(model)
-    assert len(layers) == 8
+    seen = {}
     for layer in layers:
-        lb, _ = layer.routing_losses
-        assert lb.item() == pytest.approx(1.0, abs=1e-6)  # E * sum_i (1/E) P_i = 1 whatever P is
+        def record(module, inputs, output, layer=layer):
+            seen[layer.layer_id] = (output.detach().clone(), layer.tokens_per_expert.clone())
+
+        layer.router.gate.register_forward_hook(record)
+    before = {layer.layer_id: layer.tokens_per_expert.clone() for layer in layers}
+    model(tokens())
+    reported = {}
+    for layer in layers:
+        logits, _ = seen[layer.layer_id]
+        counts = layer.tokens_per_expert - before[layer.layer_id]
+        assert counts.sum().item() == logits.shape[0] * layer.router.top_k
+        lb, z = routing_losses(logits, counts, layer.router.top_k, layer.score_func)
+        assert torch.equal(layer.routing_losses[0].detach(), lb) and torch.equal(layer.routing_losses[1].detach(), z)
+        reported[layer.layer_id] = lb.item()
+    for a, b in zip(layers, layers[1:]):
+        if a.experts is b.experts:  # same bank, different routers: different balance
+            assert reported[a.layer_id] != reported[b.layer_id]
 
 
 def test_model_loss_is_the_mean_over_layers_and_is_consumed():
