@@ -275,11 +275,19 @@ def test_two_ranks_equal_single_process(two_ranks, name):
 
 
 def test_bfloat16_newton_schulz_stays_close(two_ranks):
-    fields = BF16_NS["dp2_g2_bf16_ns"]
-    ref = reference(CheckConfig.from_fields(fields))
-    assert two_ranks["dp2_g2_bf16_ns"]["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    """bf16 Newton-Schulz turns reduction-order noise into one-ulp flips, so the two
+    layouts differ by a fraction of each parameter's movement (measured: at most 7% in
+    norm over 3 steps); a layout that mis-scaled, skipped or doubled an update moves
+    by a whole update. Expert biases are left to the losses: they move in sign steps of
+    the token counts, so one routing flip moves them by a whole step."""
+    cfg = CheckConfig.from_fields(BF16_NS["dp2_g2_bf16_ns"])
+    ref, initial = reference(cfg), shard_check.initial_state(cfg)
+    result = two_ranks["dp2_g2_bf16_ns"]
+    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     for name, value in ref["state"].items():
-        torch.testing.assert_close(two_ranks["dp2_g2_bf16_ns"]["state"][name], value, rtol=0, atol=1e-2, msg=name)
+        if name in initial and value.is_floating_point() and not name.endswith("expert_bias"):
+            moved = (value - initial[name]).norm()
+            assert (result["state"][name] - value).norm() <= 0.15 * moved, name
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
