@@ -36,7 +36,7 @@ def torchtitan_deepseek(args) -> DeepSeekV3Model:
     """torchtitan's own untied deepseek_v3 model with the same shape as ``args``."""
     fields = {f.name for f in dataclasses.fields(DeepSeekV3ModelArgs)}
     plain = DeepSeekV3ModelArgs(**{k: copy.deepcopy(getattr(args, k)) for k in fields})
-    plain.moe_args = args.layer_moe_args()  # fp32 for-loop experts, same expert bias setting
+    plain.moe_args = args.layer_moe_args()  # same expert path and expert bias setting
     plain.moe_impl = "standard"  # torchtitan sets it in update_from_config
     return DeepSeekV3Model(plain)
 
@@ -179,6 +179,8 @@ LAYOUTS = {
     "dp2_g2": {"dp_shard": 2, "tying": TIED},
     "dp2_ep2_g1": {"dp_shard": 2, "ep": 2, "tying": {}},
     "dp2_ep2_g2": {"dp_shard": 2, "ep": 2, "tying": TIED},
+    # torch.compile of each block (MLA, shared experts, banks read by two layers) under FSDP + EP.
+    "dp2_ep2_g2_compile": {"dp_shard": 2, "ep": 2, "tying": TIED, "compile_backend": "aot_eager"},
 }
 COMMON = {"family": FAMILY, "steps": 2, "microbatches": 1}  # gradient accumulation: test_shard_once.py
 
