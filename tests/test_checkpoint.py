@@ -328,3 +328,57 @@ def saved_ranks_of(checkpoint_dir) -> int:
     from tiedmoe_titan.checkpoint import saved_ranks
 
     return saved_ranks(str(checkpoint_dir), "rng.rank_")
+
+
+def test_seed_checkpoint_is_step_0_and_runs_start_from_its_weights(tmp_path):
+    """checkpoint.create_seed_checkpoint saves the initialisation as a complete step-0
+    checkpoint and exits 0 without training. Made with debug.seed 1, it is what a run in
+    that folder, and a run elsewhere pointed at it by checkpoint.initial_load_path, start
+    from at step 1, although both are seeded 0: step 1's loss is that of a fresh run
+    seeded 1 (it depends on the initial weights alone; the data order does not depend on
+    debug.seed)."""
+    one_step = ["--training.steps", "1", "--checkpoint.interval", "1000"]
+    out = train(tmp_path / "seeded", "--checkpoint.create_seed_checkpoint", "--debug.seed", "1", *one_step)
+    log = out.stdout + out.stderr
+    folder = tmp_path / "seeded" / "checkpoint"
+    assert "Training starts" not in log and not logged_losses(log)
+    assert [p.name for p in folder.iterdir()] == ["step-0"] and (folder / "step-0" / ".metadata").exists()
+
+    out = train(tmp_path / "fresh", "--debug.seed", "1", *one_step)
+    fresh = logged_losses(out.stdout + out.stderr)
+    assert list(fresh) == [1]
+    out = train(tmp_path / "seeded", *one_step)
+    log = out.stdout + out.stderr
+    assert f"Loading the checkpoint from {folder}/step-0" in log and "Training starts at step 1" in log
+    assert logged_losses(log) == fresh
+    out = train(tmp_path / "elsewhere", "--checkpoint.initial_load_path", str(folder / "step-0"), *one_step)
+    assert logged_losses(out.stdout + out.stderr) == fresh
+
+
+def test_seed_checkpoint_refusals_are_one_line(tmp_path):
+    """One process, checkpointing on, nothing to load, a new checkpoint folder; through
+    tiedmoe-train a refusal is one line, exit 2, before anything is written."""
+    from tiedmoe_titan.config import RecipeError, check_run, parse_recipe
+
+    def refusal(*overrides, world_size=1, dump=tmp_path) -> str:
+        recipe = parse_recipe(RECIPE, [*SMALL, "--job.dump_folder", str(dump), "--checkpoint.create_seed_checkpoint", *overrides])
+        with pytest.raises(RecipeError) as error:
+            check_run(recipe, world_size)
+        return str(error.value)
+
+    assert refusal(world_size=2).startswith("checkpoint.create_seed_checkpoint runs as 1 process, not 2")
+    assert refusal("--checkpoint.initial_load_path", str(tmp_path)).startswith(
+        "checkpoint.create_seed_checkpoint saves the recipe's fresh initialisation and loads nothing")
+    (tmp_path / "used" / "checkpoint" / "step-3").mkdir(parents=True)
+    (tmp_path / "used" / "checkpoint" / "step-3" / ".metadata").touch()
+    assert refusal(dump=tmp_path / "used") == (
+        f"checkpoint.create_seed_checkpoint: {tmp_path}/used/checkpoint already holds step-3; a seed starts a new "
+        "checkpoint folder: choose another job.dump_folder")
+
+    out = train(tmp_path / "off", "--checkpoint.create_seed_checkpoint", "--checkpoint.no-enable", check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "tiedmoe-train: error: checkpoint.create_seed_checkpoint needs checkpoint.enable = true (--checkpoint.enable): "
+        "the checkpointer saves the seed"
+    ]
+    assert not (tmp_path / "off").exists()

@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import DCP_METADATA, NanGuardConfig, tokenizer_mismatch
+from .checkpoint import DCP_METADATA, NanGuardConfig, complete_steps, tokenizer_mismatch
 from .data import DataConfig
 from .domains import DOMAINS
 from .models.family import RoutingConfig
@@ -407,6 +407,8 @@ def check_run(job_config, world_size: int) -> None:
     from .tokenizer import load_tokenizer
 
     spec, args = model_args_of(job_config)
+    if job_config.checkpoint.create_seed_checkpoint:
+        check_seed_checkpoint(job_config, world_size)
     dims = parallel_dims_of(job_config, world_size)
     check_dump_folder(job_config.job.dump_folder)
     for name in ("training", "validation"):
@@ -457,6 +459,31 @@ def check_run(job_config, world_size: int) -> None:
         check_data(job_config, tokenizer, dp)
     except (ValueError, FileNotFoundError) as e:
         raise RecipeError(str(e)) from None
+
+
+def check_seed_checkpoint(job_config, world_size: int) -> None:
+    """``checkpoint.create_seed_checkpoint`` saves the recipe's initial weights as step 0 of
+    a new checkpoint folder, from one process (unsharded, as torchtitan requires), and
+    loads nothing."""
+    key = "checkpoint.create_seed_checkpoint"
+    checkpoint = job_config.checkpoint
+    if world_size != 1:
+        raise RecipeError(
+            f"{key} runs as 1 process, not {world_size}: the seed is saved unsharded and any layout loads it; "
+            "run tiedmoe-train without torchrun (or NPROC=1)"
+        )
+    if not checkpoint.enable:
+        raise RecipeError(f"{key} needs checkpoint.enable = true (--checkpoint.enable): the checkpointer saves the seed")
+    if checkpoint.initial_load_path or checkpoint.initial_load_in_hf:
+        raise RecipeError(
+            f"{key} saves the recipe's fresh initialisation and loads nothing: drop checkpoint.initial_load_path / "
+            "initial_load_in_hf (a training run loads those weights itself)"
+        )
+    folder = os.path.join(job_config.job.dump_folder, checkpoint.folder)
+    if steps := complete_steps(folder):
+        raise RecipeError(
+            f"{key}: {folder} already holds step-{steps[-1]}; a seed starts a new checkpoint folder: choose another job.dump_folder"
+        )
 
 
 def check_dump_folder(folder: str) -> None:

@@ -10,7 +10,9 @@ The trainer is torchtitan's, with these additions:
 * a run whose checkpoint folder already holds its last step says so and exits 0 (a
   rerun, or a requeue that lands after the end); a run with more ``training.steps``
   continues from the last full checkpoint (``checkpoint.plan_resume``);
-* a step with a non-finite loss or gradient is skipped (``checkpoint.NonFiniteGuard``).
+* a step with a non-finite loss or gradient is skipped (``checkpoint.NonFiniteGuard``);
+* ``checkpoint.create_seed_checkpoint`` saves step 0 and exits without training, as in
+  torchtitan's own main (``TiedMoETrainer.save_seed_checkpoint``).
 
 How the routing loss scales. torchtitan divides each microbatch's summed
 cross-entropy by the number of valid tokens in the whole global batch (all
@@ -101,21 +103,36 @@ class TiedMoETrainer(Trainer):
                 logger.warning(f"Checkpoint {name} is set aside as {target}: {why}; continuing from step-{plan.step}")
         torch.distributed.barrier()
         step = self.resume_step = plan.step
-        if step > 0 and os.path.isdir(os.path.join(folder, f"step-{step}")):
-            checkpoint_dir = os.path.join(folder, f"step-{step}")
-            check_compatible(checkpoint_dir, self.checkpointer.states["model"].state_dict())
-            if not saved_ranks(checkpoint_dir, f"{ScheduleState.KEY}."):
-                self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, ScheduleState.KEY]
-            if saved_ranks(checkpoint_dir, "dataloader.dp_rank_") and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
-                raise CheckpointMismatch(
-                    f"step-{step} holds per-rank text-stream data positions (tiedmoe_titan before token shards), which the "
-                    "shard loader cannot continue: pass --checkpoint.exclude_from_loading dataloader to keep the model and "
-                    "optimizer and read the data from its start"
-                )
-            rng_ranks, world = saved_ranks(checkpoint_dir, f"{RngState.KEY}.rank_"), torch.distributed.get_world_size()
-            if rng_ranks != world:
-                logger.info(f"step-{step} holds the RNG states of {rng_ranks} ranks, this run has {world}: not restored")
-                self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, RngState.KEY]
+        checkpoint_dir = os.path.join(folder, f"step-{step}")
+        if not os.path.isdir(checkpoint_dir):
+            return
+        check_compatible(checkpoint_dir, self.checkpointer.states["model"].state_dict())
+        if step == 0:
+            return  # a seed checkpoint: torchtitan loads step 0 as the model alone
+        if not saved_ranks(checkpoint_dir, f"{ScheduleState.KEY}."):
+            self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, ScheduleState.KEY]
+        if saved_ranks(checkpoint_dir, "dataloader.dp_rank_") and "dataloader" not in self.job_config.checkpoint.exclude_from_loading:
+            raise CheckpointMismatch(
+                f"step-{step} holds per-rank text-stream data positions (tiedmoe_titan before token shards), which the "
+                "shard loader cannot continue: pass --checkpoint.exclude_from_loading dataloader to keep the model and "
+                "optimizer and read the data from its start"
+            )
+        rng_ranks, world = saved_ranks(checkpoint_dir, f"{RngState.KEY}.rank_"), torch.distributed.get_world_size()
+        if rng_ranks != world:
+            logger.info(f"step-{step} holds the RNG states of {rng_ranks} ranks, this run has {world}: not restored")
+            self.checkpointer.exclude_from_loading = [*self.checkpointer.exclude_from_loading, RngState.KEY]
+
+    def save_seed_checkpoint(self) -> None:
+        """Save step 0 instead of training (``checkpoint.create_seed_checkpoint``, which
+        ``config.check_run`` allows from one process into a new checkpoint folder). In full and
+        in DCP, whatever ``last_save_model_only`` / ``last_save_in_hf`` say about the end of
+        training: a model-only save would be cast to ``export_dtype``, and ``plan_resume`` sets
+        a model-only checkpoint aside as nothing to continue from. A run in this folder loads
+        the model alone from step 0 (torchtitan's rule for seeds) and starts at step 1."""
+        self.checkpointer.last_save_model_only = False
+        self.checkpointer.last_save_in_hf = False
+        self.checkpointer.save(curr_step=0, last_step=True)
+        logger.info(f"Created the seed checkpoint {os.path.join(self.checkpointer.folder, 'step-0')}")
 
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
@@ -235,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     requeue = False
     try:
         trainer = TiedMoETrainer(job_config)
+        if checkpoint.create_seed_checkpoint:
+            trainer.save_seed_checkpoint()
+            return
         trainer.train()
         trainer.stop_agreement.close()
         requeue = trainer.stopped_for_resume and os.environ.get("RANK", "0") == "0"
