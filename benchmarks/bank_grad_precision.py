@@ -101,7 +101,7 @@ def windows(tokens: torch.Tensor, count: int, seq: int, generator: torch.Generat
 
 
 def check_config(a, group_size: int, seed: int, world: int, precision: str = "float32"):
-    from tiedmoe_titan.shard_check import CheckConfig
+    from tiedmoe_titan.testing.shard_check import CheckConfig
     from tiedmoe_titan.tying import TieConfig
 
     anchors = a.anchors if group_size > 1 else 0
@@ -118,7 +118,7 @@ def trained_state(cfg, steps: int, tokens: torch.Tensor, global_batch: int) -> d
     """Full weights after ``steps`` fp32 AdamW steps in one process (every rank computes
     the same, deterministically): the starting point of the measurement."""
     from tiedmoe_titan.models import FAMILIES
-    from tiedmoe_titan.shard_check import initial_state, model_args, piece_loss
+    from tiedmoe_titan.testing.shard_check import initial_state, model_args, piece_loss
 
     state = initial_state(cfg)
     if steps == 0:
@@ -153,7 +153,7 @@ def expert_grads(cfg, state: dict[str, torch.Tensor], batch: torch.Tensor):
     shape (tokens, top_k), sorted})."""
     import torch.distributed as dist
 
-    from tiedmoe_titan.shard_check import build, full_grads, piece_loss
+    from tiedmoe_titan.testing.shard_check import build, full_grads, piece_loss
 
     model, _, dims = build(cfg, state)
     routes = {}
@@ -204,7 +204,7 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure(a, g: int, seed: int, steps: int, tokens: torch.Tensor, world: int) -> dict:
-    from tiedmoe_titan.shard_check import model_args
+    from tiedmoe_titan.testing.shard_check import model_args
 
     cfg = check_config(a, g, seed, world)
     layout = model_args(cfg).tie_layout()

@@ -516,8 +516,9 @@ def probe_flavor(shape: dict, recipe: str, seq_len: int, out: str) -> dict:
     device): parameters and FLOPs per token as tiedmoe-train's MFU counts them."""
     import torch
 
-    import tiedmoe_titan  # noqa: F401  (train specs)
-    from tiedmoe_titan.config import model_args_of, parse_recipe
+    import tiedmoe_titan.spec  # noqa: F401  (train specs)
+    from tiedmoe_titan.config import parse_recipe
+    from tiedmoe_titan.preflight import model_args_of
     from tiedmoe_titan.hf.flavor_file import write_flavor_file
     from tiedmoe_titan.models import FAMILIES
     from tiedmoe_titan.models.accounting import count_params, flops_per_token

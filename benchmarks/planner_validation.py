@@ -57,14 +57,14 @@ STATIC_TOLERANCE, PEAK_TOLERANCE = 0.02, 0.15
 
 
 def check_config(fields: dict):
-    from tiedmoe_titan.shard_check import CheckConfig
+    from tiedmoe_titan.testing.shard_check import CheckConfig
 
     return CheckConfig.from_fields({**STEP, **fields})
 
 
 def measure(nproc: int, cases: dict[str, dict], folder: str) -> dict[str, dict]:
     """Run ``cases`` in one torchrun launch of ``nproc`` processes; rank 0's results."""
-    from tiedmoe_titan.shard_check import launch
+    from tiedmoe_titan.testing.shard_check import launch
 
     configs = {name: {**STEP, **fields} for name, fields in cases.items()}
     return launch(nproc, configs, os.path.join(folder, f"measured_{nproc}.pt"), timeout=None)
@@ -72,7 +72,7 @@ def measure(nproc: int, cases: dict[str, dict], folder: str) -> dict[str, dict]:
 
 def compare(names: list[str], folder: str | None = None) -> list[dict]:
     """Measure the cases (one launch per process count) and put the estimates beside."""
-    from tiedmoe_titan.memory import estimate_check
+    from tiedmoe_titan.testing.shard_check import estimate_check
 
     if folder is None:
         with tempfile.TemporaryDirectory() as tmp:

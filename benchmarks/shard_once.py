@@ -71,7 +71,7 @@ def optimizer_implementation(a) -> str:
 
 
 def check_config(a, group_size: int, world: int):
-    from tiedmoe_titan.shard_check import CheckConfig
+    from tiedmoe_titan.testing.shard_check import CheckConfig
     from tiedmoe_titan.tying import TieConfig
 
     anchors = a.anchors if group_size > 1 else 0
@@ -106,7 +106,7 @@ def release_freed_memory() -> None:
 def run_variants(a) -> list[dict]:
     import torch.distributed as dist
 
-    from tiedmoe_titan.shard_check import model_args, stepwise
+    from tiedmoe_titan.testing.shard_check import model_args, stepwise
 
     world = dist.get_world_size()
     groups = [int(x) for x in a.groups.split(",")]

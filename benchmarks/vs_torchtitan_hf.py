@@ -17,12 +17,12 @@ transformers' ``OlmoeForCausalLM``, same shape, one training step each, in one p
 With ``--with-for-loop`` also
 
 * project_for_loop: the project model with torchtitan's for-loop expert path
-  (``use_grouped_mm = False``), the CPU path before ``tiedmoe_titan.cpu`` ran grouped
+  (``use_grouped_mm = False``), the CPU path before ``tiedmoe_titan.compat`` ran grouped
   GEMMs in fp32: the speed-up of the grouped path, measured side by side.
 
 All train with ``torch.optim.AdamW`` (torch's defaults for the device, lr 1e-3,
 weight decay 0.1) on the same random tokens; fp32 on CPU (the project and torchtitan
-models run their experts as fp32 grouped GEMMs there, ``tiedmoe_titan.cpu``), bf16
+models run their experts as fp32 grouped GEMMs there, ``tiedmoe_titan.compat``), bf16
 autocast on a GPU.
 
 Peak memory: one step of each model alone (the others not built yet): torch's
@@ -49,10 +49,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import tiedmoe_titan  # noqa: F401  (CPU support: histc, token permutation, fp32 grouped experts)
+import tiedmoe_titan.models  # noqa: F401  (CPU support: histc, token permutation, fp32 grouped experts)
 from tiedmoe_titan.models import FAMILIES, model_routing_loss
 from tiedmoe_titan.models.accounting import count_params, flops_per_token
-from tiedmoe_titan.shard_check import local_device, peak_step_memory
+from tiedmoe_titan.testing.shard_check import local_device, peak_step_memory
 from tiedmoe_titan.tying import TieConfig
 
 MODELS = ("project", "torchtitan", "hf")

@@ -255,7 +255,7 @@ def initial_weights(scale: Scale, variants: list[Variant], seed: int, out: str) 
     variants of one seed no longer differ by unrelated random draws, so the per-seed
     difference from untied measures tying, not the luck of the draw."""
     from tiedmoe_titan.hf.checkpoints import single_process
-    from tiedmoe_titan.shard_check import CheckConfig, initial_state
+    from tiedmoe_titan.testing.shard_check import CheckConfig, initial_state
 
     import torch.distributed.checkpoint as dcp
 
@@ -413,7 +413,7 @@ def peak_memory(scale: Scale, variants: list[Variant], out: str) -> dict[str, in
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "peak.pt")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-               "-m", "tiedmoe_titan.shard_check", "--configs", json.dumps(configs), "--out", result_file]
+               "-m", "tiedmoe_titan.testing.shard_check", "--configs", json.dumps(configs), "--out", result_file]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
         if done.returncode:
             raise RuntimeError(f"peak-memory launch failed:\n{done.stderr[-3000:]}")

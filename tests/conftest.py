@@ -5,8 +5,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-import tiedmoe_titan  # noqa: F401  (CPU support, train specs)
+import tiedmoe_titan.spec  # noqa: F401  (CPU support, train specs)
 from tiedmoe_titan.models import FAMILIES
+from tiedmoe_titan.testing.shard_check import CheckConfig, reference
 from tiedmoe_titan.tying import TieConfig
 
 
@@ -112,3 +113,21 @@ def _data_cache(tmp_path_factory):
     import os
 
     os.environ["TIEDMOE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+
+
+def assert_matches_single_process(
+    result: dict, fields: dict, *, loss_rel: float, state_atol: float, grad_rel: float | None = None
+) -> None:
+    """A parallel layout's run (``shard_check``) against one process training the same
+    weights on the same tokens: losses, first-step gradients (each within ``grad_rel``
+    of its largest entry; skipped when None) and final weights."""
+    ref = reference(CheckConfig.from_fields(fields))
+    assert result["losses"] == pytest.approx(ref["losses"], rel=loss_rel)
+    if grad_rel is not None:
+        assert result["grads"].keys() == ref["grads"].keys()
+        for name, grad in ref["grads"].items():
+            scale = grad.abs().max().item() + 1e-12
+            assert (result["grads"][name] - grad).abs().max().item() / scale < grad_rel, name
+    assert result["state"].keys() == ref["state"].keys()
+    for name, value in ref["state"].items():
+        torch.testing.assert_close(result["state"][name], value, rtol=0, atol=state_atol, msg=name)

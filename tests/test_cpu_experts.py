@@ -1,5 +1,5 @@
 """Routed experts on CPU: torch._grouped_mm in the input's dtype on the unpadded expert
-groups (tiedmoe_titan.cpu, seam 4), against torchtitan's fp32 for-loop path."""
+groups (tiedmoe_titan.compat, seam 4), against torchtitan's fp32 for-loop path."""
 
 import dataclasses
 

@@ -9,7 +9,14 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_equals_torchtitan_model, assert_tied_equals_untied_with_copied_experts, build_model, flavor_args, tokens
+from conftest import (
+    assert_equals_torchtitan_model,
+    assert_matches_single_process,
+    assert_tied_equals_untied_with_copied_experts,
+    build_model,
+    flavor_args,
+    tokens,
+)
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.deepseek_v3 import deepseekv3_args
 from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
@@ -17,13 +24,13 @@ from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
 from torchtitan.models.utils import get_moe_model_nparams_and_flops
 
 from tiedmoe_titan.config import parse_recipe
-from tiedmoe_titan.models import ExpertBank, TiedDeepSeekModel
+from tiedmoe_titan.models import TiedDeepSeekModel, banks_of
 from tiedmoe_titan.models.accounting import count_params
 from tiedmoe_titan.optim import update_expert_biases
 from tiedmoe_titan.parallelize import UnsupportedParallelism
 from tiedmoe_titan.plan import plan, shard_dry_run
-from tiedmoe_titan import shard_check
-from tiedmoe_titan.shard_check import CheckConfig, reference
+from tiedmoe_titan.testing import shard_check
+from tiedmoe_titan.testing.shard_check import CheckConfig
 from tiedmoe_titan.tying import TieConfig
 
 FAMILY = "deepseek"
@@ -74,7 +81,7 @@ def test_only_routed_experts_are_tied():
     weights = ("w1", "w2", "w3")
     # Routed experts once per bank, under its first layer ...
     assert sorted(k for k in keys if ".moe.experts." in k) == sorted(f"layers.{o}.moe.experts.{w}" for o in (1, 2, 4) for w in weights)
-    assert len([m for m in model.modules() if isinstance(m, ExpertBank)]) == TIED_BANKS
+    assert len(banks_of(model)) == TIED_BANKS
     # ... shared experts, routers and expert biases in every MoE layer, the dense FFN in layer 0.
     for layer in layout.moe_layers:
         assert {f"layers.{layer}.moe.shared_experts.{w}.weight" for w in weights} <= keys
@@ -124,7 +131,7 @@ def test_plan_counts_equal_the_built_model(tying):
     p = plan(parse_recipe(RECIPE, ["--tying.group_size", "1", *tying]))
     model = TiedDeepSeekModel(flavor_args(FAMILY, tying=TieConfig(**p["tying"])))  # real CPU tensors
     assert p["total_params"] == sum(param.numel() for param in model.parameters())
-    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    banks = banks_of(model)
     assert p["expert_params"] == sum(q.numel() for b in banks for q in b.parameters())
     assert [b["num_experts"] for b in p["banks"]] == [b.num_experts for b in banks]
     # Active: everything but routed experts, plus top_k experts of each MoE layer's bank.
@@ -197,14 +204,8 @@ def check_config(fields: dict) -> CheckConfig:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_ranks_equal_single_process(two_ranks, name):
-    result, ref = two_ranks[name], reference(check_config(LAYOUTS[name]))
-    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6)
-    assert result["grads"].keys() == ref["grads"].keys()
-    for param, grad in ref["grads"].items():
-        scale = grad.abs().max().item() + 1e-12
-        assert (result["grads"][param] - grad).abs().max().item() / scale < 1e-5, param
-    for param, value in ref["state"].items():  # expert biases included
-        torch.testing.assert_close(result["state"][param], value, rtol=0, atol=2e-5, msg=param)
+    # The state includes the expert biases.
+    assert_matches_single_process(two_ranks[name], {**COMMON, **LAYOUTS[name]}, loss_rel=1e-6, grad_rel=1e-5, state_atol=2e-5)
 
 
 def test_each_rank_holds_each_bank_once(two_ranks):
@@ -243,7 +244,7 @@ def test_bank_collectives_once_per_group(two_ranks):
 def test_planner_static_memory_equals_the_ranks(two_ranks, name):
     """tiedmoe-plan's parameters, gradients and AdamW state per rank, against what each
     measured rank held (the deepseek blocks: dense FFN, MLA, shared experts, banks)."""
-    from tiedmoe_titan.memory import estimate_check
+    from tiedmoe_titan.testing.shard_check import estimate_check
 
     predicted = estimate_check(check_config(LAYOUTS[name]), 2)
     measured = two_ranks[name]["rank_memory"]

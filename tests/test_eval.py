@@ -10,7 +10,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
-from tiedmoe_titan.config import model_args_of, parse_recipe, write_resolved_recipe
+from tiedmoe_titan.config import parse_recipe, write_resolved_recipe
+from tiedmoe_titan.preflight import model_args_of
 from tiedmoe_titan.eval import evaluate, main
 from tiedmoe_titan.hf.checkpoints import single_process
 from tiedmoe_titan.hf.flavor_file import write_flavor_file

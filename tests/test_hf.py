@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from tiedmoe_titan.config import model_args_of, parse_recipe, write_resolved_recipe  # noqa: E402
+from tiedmoe_titan.config import parse_recipe, write_resolved_recipe  # noqa: E402
+from tiedmoe_titan.preflight import model_args_of
 from tiedmoe_titan.hf import load_tied_pretrained  # noqa: E402
 from tiedmoe_titan.hf.checkpoints import single_process  # noqa: E402
 from tiedmoe_titan.hf.export import main as export_main  # noqa: E402

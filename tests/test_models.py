@@ -9,7 +9,7 @@ from conftest import assert_equals_torchtitan_model, assert_tied_equals_untied_w
 from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
 from torchtitan.models.qwen3.model.model import Qwen3Model
 
-from tiedmoe_titan.models import FAMILIES, ExpertBank
+from tiedmoe_titan.models import FAMILIES, ExpertBank, banks_of
 from tiedmoe_titan.tying import TieConfig
 
 TIED_2 = TieConfig(group_size=2, untied_first=2, untied_last=2)
@@ -26,7 +26,7 @@ def torchtitan_qwen3(args) -> Qwen3Model:
 @pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped", "for_loop"])
 def test_untied_is_torchtitan_qwen3_exactly(use_grouped_mm):
     """Both models on the same expert path: the default grouped one (on CPU torchtitan's
-    GroupedExperts runs tiedmoe_titan.cpu's fp32 grouped GEMMs too), and torchtitan's
+    GroupedExperts runs tiedmoe_titan.compat's fp32 grouped GEMMs too), and torchtitan's
     untouched fp32 for-loop path. The grouped path against the for-loop one, which is
     bit-equal only for some shapes, is tests/test_cpu_experts.py's."""
     args = flavor_args("qwen3")
@@ -35,7 +35,7 @@ def test_untied_is_torchtitan_qwen3_exactly(use_grouped_mm):
     torch.manual_seed(3)
     with torch.no_grad():
         ours.init_weights()
-    assert all(bank.use_grouped_mm == use_grouped_mm for bank in ours.modules() if isinstance(bank, ExpertBank))
+    assert all(bank.use_grouped_mm == use_grouped_mm for bank in banks_of(ours))
     assert_equals_torchtitan_model(ours, torchtitan_qwen3(ours.model_args), seed=3)
 
 
@@ -53,7 +53,7 @@ def test_each_bank_is_stored_once():
     assert [b.layers for b in layout.banks] == [(0,), (1, 2, 3), (4, 5, 6), (7,)]
     expert_keys = [k for k in model.state_dict() if ".moe.experts." in k]
     assert sorted(expert_keys) == sorted(f"layers.{b.owner}.moe.experts.{w}" for b in layout.banks for w in ("w1", "w2", "w3"))
-    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    banks = banks_of(model)
     assert len(banks) == layout.num_banks
     params = list(model.parameters())
     assert len({id(p) for p in params}) == len(params)

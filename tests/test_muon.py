@@ -11,7 +11,7 @@ about 1e-6 after three steps at lr 0.02.
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import build_model
+from conftest import assert_matches_single_process, build_model
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.config import JobConfig
@@ -20,8 +20,8 @@ from torchtitan.distributed import ParallelDims
 from tiedmoe_titan.config import RecipeError, parse_recipe
 from tiedmoe_titan.muon import MuonConfig, MuonWithAdamW, muon_and_adamw_params, newton_schulz
 from tiedmoe_titan.optim import build_tied_optimizers
-from tiedmoe_titan import shard_check
-from tiedmoe_titan.shard_check import CheckConfig, reference
+from tiedmoe_titan.testing import shard_check
+from tiedmoe_titan.testing.shard_check import CheckConfig, reference
 from tiedmoe_titan.tying import TieConfig
 
 TIED = {"group_size": 2, "untied_first": 2, "untied_last": 2}
@@ -260,18 +260,14 @@ def four_ranks(tmp_path_factory):
     return launch(4, FOUR_RANKS, tmp_path_factory)
 
 
-def assert_matches_single_process(result: dict, fields: dict) -> None:
-    ref = reference(CheckConfig.from_fields(fields))
-    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
-    assert result["state"].keys() == ref["state"].keys()
-    for name, value in ref["state"].items():
-        # Three steps at lr 0.02 move weights by up to 3e-2; layouts agree to 6e-8 (Muon) and 1.2e-6 (AdamW).
-        torch.testing.assert_close(result["state"][name], value, rtol=0, atol=5e-6, msg=name)
+def assert_matches(result: dict, fields: dict) -> None:
+    # Three steps at lr 0.02 move weights by up to 3e-2; layouts agree to 6e-8 (Muon) and 1.2e-6 (AdamW).
+    assert_matches_single_process(result, fields, loss_rel=1e-5, state_atol=5e-6)
 
 
 @pytest.mark.parametrize("name", list(TWO_RANKS))
 def test_two_ranks_equal_single_process(two_ranks, name):
-    assert_matches_single_process(two_ranks[name], TWO_RANKS[name])
+    assert_matches(two_ranks[name], TWO_RANKS[name])
 
 
 def test_bfloat16_newton_schulz_stays_close(two_ranks):
@@ -292,4 +288,4 @@ def test_bfloat16_newton_schulz_stays_close(two_ranks):
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
 def test_banks_split_within_experts_equal_single_process(four_ranks, name):
-    assert_matches_single_process(four_ranks[name], FOUR_RANKS[name])
+    assert_matches(four_ranks[name], FOUR_RANKS[name])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tiedmoe_titan.config import RecipeError, model_args_of, parallel_dims_of, parse_recipe
+from tiedmoe_titan.config import RecipeError, parse_recipe
+from tiedmoe_titan.preflight import model_args_of, parallel_dims_of
 from tiedmoe_titan.memory import StepShape, estimate, local_params, meta_model
 from tiedmoe_titan.plan import format_memory_plan, memory_plan, parse_bytes, shard_dry_run
 

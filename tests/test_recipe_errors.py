@@ -12,7 +12,8 @@ import pytest
 
 from tiedmoe_titan.data.readers import iter_documents
 from tiedmoe_titan import launch, plan, train
-from tiedmoe_titan.config import RecipeError, check_run, load_recipe, parse_recipe, to_toml
+from tiedmoe_titan.config import RecipeError, load_recipe, parse_recipe, to_toml
+from tiedmoe_titan.preflight import check_run
 from tiedmoe_titan.domains import DOMAINS
 
 DEBUG = "recipes/debug_cpu.toml"

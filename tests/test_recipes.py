@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from tiedmoe_titan.config import RecipeError, check_run, load_recipe, parse_recipe, write_resolved_recipe
+from tiedmoe_titan.config import RecipeError, load_recipe, parse_recipe, write_resolved_recipe
+from tiedmoe_titan.preflight import check_run
 from tiedmoe_titan.plan import plan, shard_dry_run
 
 DEBUG = os.path.abspath("recipes/debug_cpu.toml")

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_matches_single_process
 
-from tiedmoe_titan import shard_check
-from tiedmoe_titan.shard_check import CheckConfig, reference
+from tiedmoe_titan.testing import shard_check
+from tiedmoe_titan.testing.shard_check import CheckConfig, reference
 
 UNTIED = {}
 TIED = {"group_size": 2, "untied_first": 2, "untied_last": 2}
@@ -61,20 +61,13 @@ def check_config(fields: dict) -> CheckConfig:
     return CheckConfig.from_fields(fields)
 
 
-def assert_matches_single_process(result: dict, fields: dict) -> None:
-    ref = reference(check_config(fields))
-    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6)
-    assert result["grads"].keys() == ref["grads"].keys()
-    for name, grad in ref["grads"].items():
-        scale = grad.abs().max().item() + 1e-12
-        assert (result["grads"][name] - grad).abs().max().item() / scale < 1e-5, name
-    for name, value in ref["state"].items():
-        torch.testing.assert_close(result["state"][name], value, rtol=0, atol=2e-5, msg=name)
+def assert_matches(result: dict, fields: dict) -> None:
+    assert_matches_single_process(result, fields, loss_rel=1e-6, grad_rel=1e-5, state_atol=2e-5)
 
 
 @pytest.mark.parametrize("name", list(TWO_RANKS))
 def test_two_ranks_equal_single_process(two_ranks, name):
-    assert_matches_single_process(two_ranks[name], TWO_RANKS[name])
+    assert_matches(two_ranks[name], TWO_RANKS[name])
 
 
 def test_bf16_params_fp32_reduce_close_to_fp32(two_ranks):
@@ -86,7 +79,7 @@ def test_bf16_params_fp32_reduce_close_to_fp32(two_ranks):
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
 def test_four_ranks_equal_single_process(four_ranks, name):
-    assert_matches_single_process(four_ranks[name], FOUR_RANKS[name])
+    assert_matches(four_ranks[name], FOUR_RANKS[name])
 
 
 def expert_collectives(result: dict, op: str, efsdp_size: int) -> list[list[int]]:

@@ -9,9 +9,9 @@ a value outside it, from the recipe file or the command line, in one line naming
 key, before torchtitan builds its config (whose own few checks are asserts).
 
 Not here: keys every value of whose type works (flags, free text), paths (checked
-where they are opened, ``config.check_run``), ``[tying]`` (its domain depends on the
+where they are opened, ``preflight.check_run``), ``[tying]`` (its domain depends on the
 model: ``tying.TieLayout`` checks it) and keys that must agree with each other or with
-the world size (``config.check_run``).
+the world size (``preflight.check_run``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ArgumentParser, RecipeError, model_args_of, parse_recipe
+from .config import ArgumentParser, RecipeError, parse_recipe
+from .preflight import model_args_of
 from .data import open_sources, resolve_dataset_files
 from .hf.checkpoints import ProjectModel, find_recipe, find_step, read_model_state, single_process
 from .hf.errors import HFInteropError

@@ -10,7 +10,7 @@ Picks what a single-node run needs and passes the recipe through to ``tiedmoe-tr
 * logs of local rank 0 only, and on CPU the cores split evenly between the processes
   (the cores this process may run on, e.g. a SLURM allocation, not the whole host).
 
-The recipe gets the trainers' full check (``config.check_run``, at the world size this
+The recipe gets the trainers' full check (``preflight.check_run``, at the world size this
 launch gives) before torchrun starts: a mistake is one line, exit code 2, nothing written.
 
 Preemption signals (SIGTERM, SIGUSR1) must reach the trainers, which stop at the next
@@ -39,6 +39,9 @@ import subprocess
 import sys
 
 import torch
+
+from .config import RecipeError, parse_recipe
+from .preflight import check_run
 
 USAGE = "usage: tiedmoe-launch RECIPE.toml [--section.key value ...]"
 
@@ -147,8 +150,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit(USAGE)
-    from .config import RecipeError, check_run, parse_recipe
-
     # The trainers' own check, at the world size this launch gives, before torchrun starts.
     try:
         job_config = parse_recipe(argv[0], argv[1:])

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from torchtitan.config import TORCH_DTYPE_MAP
 
-from .models.bank import ExpertBank
+from .models.bank import banks_of
 from .muon import muon_and_adamw_params
+from .parallelize import bank_shard_dim
 
 FP32 = 4
 INT64 = 8
@@ -138,7 +139,7 @@ def local_params(model: nn.Module, parallel_dims) -> list[LocalParam]:
     experts (both parallelize plans do so)."""
     dp_shard = parallel_dims.dp_shard if parallel_dims.fsdp_enabled else 1
     ep = parallel_dims.ep
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()}
+    expert_ids = {id(p) for bank in banks_of(model) for p in bank.parameters()}
     muon_ids = {id(p) for p in muon_and_adamw_params(model)[0]}
     out = []
     for name, p in model.named_parameters():
@@ -147,7 +148,7 @@ def local_params(model: nn.Module, parallel_dims) -> list[LocalParam]:
         if expert and ep > 1:
             local_experts = (shape[0] // ep, *shape[1:])
             efsdp = dp_shard // ep
-            dim = 1 if efsdp * ep > shape[0] else 0
+            dim = bank_shard_dim(shape[0], ep, efsdp)
             numel = _shard_numel(local_experts, dim, efsdp)
         else:
             numel = _shard_numel(shape, 0, dp_shard)
@@ -373,16 +374,3 @@ def estimate(model: nn.Module, parallel_dims, shape: StepShape) -> RankMemory:
         forward_backward=forward_backward,
         optimizer_step=optimizer_step,
     )
-
-
-def estimate_check(cfg, world_size: int) -> RankMemory:
-    """The estimate for a ``shard_check.CheckConfig`` layout (how the planner is validated)."""
-    from . import shard_check
-    from .models import FAMILIES
-
-    job = shard_check.job_config(cfg)
-    shape = dataclasses.replace(
-        StepShape.of_job_config(job, cfg.dp), local_batch_size=cfg.batch, seq_len=cfg.seq_len, microbatches=cfg.microbatches
-    )
-    dims = shard_check.parallel_dims(cfg, world_size)
-    return estimate(meta_model(FAMILIES[cfg.family][0], shard_check.model_args(cfg)), dims, shape)

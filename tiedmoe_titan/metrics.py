@@ -2,7 +2,7 @@
 
 Everything torchtitan logs (``loss_metrics/global_avg_loss``, ``grad_norm``,
 ``throughput(tps)``, ``mfu(%)``, ``memory/...``; on CPU the memory numbers are the
-process's peak RSS, see ``tiedmoe_titan.cpu``) keeps its tag and its place,
+process's peak RSS, see ``tiedmoe_titan.compat``) keeps its tag and its place,
 ``{dump_folder}/{save_tb_folder}/{YYYYmmdd-HHMM}/`` on the metrics rank. On every log
 step ``TiedMetricsProcessor`` adds, from the statistics every ``TiedMoE`` accumulates
 on device since the previous log step (training forwards only: activation-checkpoint
@@ -46,11 +46,12 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torchtitan.components.metrics import LoggerContainer, MetricsProcessor, TensorBoardLogger
+from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
+from .compat import tensorboard_loggers
 from .models.moe import ROUTING_STATS, TiedMoE, tied_moe_layers
 
 _ENTROPY, _TOKENS, _LB, _Z, _FORWARDS = (ROUTING_STATS.index(k) for k in ("entropy_sum", "tokens", "lb_sum", "z_sum", "forwards"))
@@ -74,14 +75,6 @@ def usage_overlap(p: torch.Tensor, q: torch.Tensor) -> float:
 
     jsd = entropy_bits((p + q) / 2) - (entropy_bits(p) + entropy_bits(q)) / 2
     return float(min(1.0, max(0.0, 1.0 - jsd.item())))
-
-
-def _tensorboard_loggers(metric_logger: Any) -> list[TensorBoardLogger]:
-    if isinstance(metric_logger, TensorBoardLogger):
-        return [metric_logger]
-    if isinstance(metric_logger, LoggerContainer):
-        return [lg for lg in metric_logger._loggers if isinstance(lg, TensorBoardLogger)]
-    return []
 
 
 def _unique_moe_layers(model_parts: Iterable[nn.Module]) -> list[TiedMoE]:
@@ -122,7 +115,7 @@ class TiedMetricsProcessor(MetricsProcessor):
             m.reset_statistics()
         metrics, histograms = moe_metrics(layers, stats)
 
-        for tb in _tensorboard_loggers(self.logger):
+        for tb in tensorboard_loggers(self.logger):
             for name, counts in histograms.items():
                 tag = name if tb.tag is None else f"{tb.tag}/{name}"
                 _add_expert_histogram(tb.writer, tag, counts, step)

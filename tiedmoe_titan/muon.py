@@ -36,12 +36,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
-from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr
 from torch.optim.adam import adam
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.models.moe.moe import GroupedExperts, TokenChoiceTopKRouter
 
-NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+from .compat import MUON_NS_COEFFICIENTS, MUON_NS_EPS, muon_adjusted_lr
+
+NS_COEFFICIENTS = MUON_NS_COEFFICIENTS
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -118,7 +119,7 @@ def newton_schulz(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=EPS)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=MUON_NS_EPS)
     for _ in range(steps):
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -209,7 +210,7 @@ class MuonWithAdamW(torch.optim.AdamW):
             param = _local(p)
             param.mul_(1 - lr * group["weight_decay"])
             # The adjustment follows the shape of one matrix: (out, in) of an expert for a bank.
-            param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape[-2:]))
+            param.add_(update, alpha=-muon_adjusted_lr(lr, group["adjust_lr_fn"], p.shape[-2:]))
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []

@@ -23,7 +23,7 @@ from torchtitan.components.optimizer import OptimizersContainer, OptimizersInBac
 from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
-from .models.bank import ExpertBank
+from .models.bank import banks_of
 from .models.moe import tied_moe_layers
 from .muon import MuonConfig, MuonOptimizersContainer
 
@@ -34,7 +34,7 @@ def bank_lr_scales(model: nn.Module) -> dict[nn.Parameter, float]:
     """Learning-rate multiplier of each bank parameter whose multiplier is not 1."""
     layout = model.model_args.tie_layout()
     scales = {}
-    for bank in (m for m in model.modules() if isinstance(m, ExpertBank)):
+    for bank in banks_of(model):
         scale = layout.lr_scale(layout.banks[bank.bank_index])
         if scale != 1.0:
             scales.update({p: scale for p in bank.parameters()})

@@ -36,16 +36,15 @@ from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.expert_parallel import ExpertParallel
-from torchtitan.models.deepseek_v3.infra.parallelize import _op_sac_save_list as deepseek_sac_ops
 from torchtitan.models.deepseek_v3.infra.parallelize import parallelize_deepseekv3
 from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
 from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
 from torchtitan.models.llama4.infra.parallelize import apply_compile
-from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list as qwen3_sac_ops
 from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
 from torchtitan.models.qwen3.model.model import Qwen3Model
 
-from . import cpu
+from . import compat
+from .models.bank import banks_of
 from .tying import TieLayout
 
 
@@ -53,17 +52,13 @@ class UnsupportedParallelism(ValueError):
     """A parallelism setting the tied plan cannot honour; one line naming the key."""
 
 
-# The torchtitan model each family builds on -> torchtitan's plan for it and the ops
-# its selective activation checkpointing saves.
-TORCHTITAN_PLANS = {
-    Qwen3Model: (parallelize_qwen3, qwen3_sac_ops),
-    DeepSeekV3Model: (parallelize_deepseekv3, deepseek_sac_ops),
-}
+# The torchtitan model each family builds on -> torchtitan's plan for it.
+TORCHTITAN_PLANS = {Qwen3Model: parallelize_qwen3, DeepSeekV3Model: parallelize_deepseekv3}
 
 
-def torchtitan_plan(model: nn.Module):
-    """(parallelize function, selective-AC op list) of torchtitan for ``model``'s family."""
-    return next(plan for base, plan in TORCHTITAN_PLANS.items() if isinstance(model, base))
+def torchtitan_base(model: nn.Module) -> type:
+    """The torchtitan model class ``model``'s family builds on."""
+    return next(base for base in TORCHTITAN_PLANS if isinstance(model, base))
 
 
 def parallelize_tied(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
@@ -72,9 +67,8 @@ def parallelize_tied(model: nn.Module, parallel_dims: ParallelDims, job_config: 
     if layout.is_tied:
         _parallelize_tied_layout(model, layout, parallel_dims, job_config)
     else:
-        parallelize_untied, _ = torchtitan_plan(model)
-        parallelize_untied(model, parallel_dims, job_config)
-    cpu.adapt_fsdp(model)
+        TORCHTITAN_PLANS[torchtitan_base(model)](model, parallel_dims, job_config)
+    compat.adapt_fsdp(model)
     return model
 
 
@@ -127,7 +121,7 @@ def _parallelize_tied_layout(model, layout: TieLayout, parallel_dims: ParallelDi
             model,
             job_config.activation_checkpoint,
             model_compile_enabled=compile_enabled,
-            op_sac_save_list=torchtitan_plan(model)[1],
+            op_sac_save_list=compat.SAC_SAVE_OPS[torchtitan_base(model)],
             base_folder=job_config.job.dump_folder,
         )
     if compile_enabled:
@@ -137,10 +131,11 @@ def _parallelize_tied_layout(model, layout: TieLayout, parallel_dims: ParallelDi
         apply_tied_fsdp(model, layout, parallel_dims, job_config)
 
 
-def banks_of(model: nn.Module) -> list[nn.Module]:
-    from .models.bank import ExpertBank
-
-    return [m for m in model.modules() if isinstance(m, ExpertBank)]
+def bank_shard_dim(num_experts: int, ep: int, efsdp: int) -> int:
+    """The dim FSDP shards a bank's EP-local experts on over ``efsdp`` ranks. EP has
+    split the experts on dim 0; when ``efsdp x ep`` exceeds them there is not one
+    expert per rank left, so FSDP shards dim 1 instead, as torchtitan's plans do."""
+    return 1 if efsdp * ep > num_experts else 0
 
 
 def _unwrapped(block: nn.Module) -> nn.Module:
@@ -188,8 +183,7 @@ def apply_tied_fsdp(model: nn.Module, layout: TieLayout, parallel_dims: Parallel
     efsdp = parallel_dims.get_mesh("efsdp").size() if parallel_dims.ep_enabled else 1
     for bank in layout.banks:
         placement = None
-        if efsdp * parallel_dims.ep > bank.num_experts:
-            # EP already shards experts on dim 0; shard the rest on dim 1, as torchtitan does.
+        if bank_shard_dim(bank.num_experts, parallel_dims.ep, efsdp) == 1:
             placement = lambda param: Shard(1)  # noqa: E731
         blocks = [layers[str(layer)] for layer in bank.layers]
         fully_shard(blocks, **bank_config, reshard_after_forward=reshard, shard_placement_fn=placement)

@@ -17,13 +17,16 @@ import re
 import sys
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torchtitan.distributed.utils import init_fake_mode
 
-import tiedmoe_titan  # noqa: F401  (registers the train specs)
-
-from .config import ArgumentParser, RecipeError, model_args_of, parallel_dims_of, parse_recipe
+from .config import ArgumentParser, RecipeError, parse_recipe
 from .memory import MemoryPlanError, StepShape, estimate, meta_model
 from .models.accounting import ParamCounts, count_params
+from .models.bank import banks_of
 from .parallelize import UnsupportedParallelism, check_parallelism
+from .preflight import model_args_of, parallel_dims_of
 from .tying import TieConfig, TieConfigError
 
 
@@ -62,12 +65,6 @@ def shard_dry_run(job_config, world_size: int) -> dict:
     function on ``world_size`` simulated ranks (torchtitan's fake communication
     backend: collectives are no-ops) and report what one rank holds. Nothing the size
     of the model is allocated."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from torchtitan.distributed.utils import init_fake_mode
-
-    from .models.bank import ExpertBank
-
     spec, args = model_args_of(job_config)
     dims = parallel_dims_of(job_config, world_size)
     init_fake_mode(world_size, "fake_backend")
@@ -75,7 +72,7 @@ def shard_dry_run(job_config, world_size: int) -> dict:
         with torch.device("meta"):
             model = spec.model_cls(args)
         spec.parallelize_fn(model, dims, job_config)
-        expert_ids = {id(q) for m in model.modules() if isinstance(m, ExpertBank) for q in m.parameters()}
+        expert_ids = {id(q) for bank in banks_of(model) for q in bank.parameters()}
         per_rank = {"expert": 0, "other": 0}
         for param in model.parameters():
             local = param.to_local() if isinstance(param, DTensor) else param

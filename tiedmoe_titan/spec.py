@@ -1,4 +1,5 @@
-"""Train specs of the tied families, registered with torchtitan's registry."""
+"""Train specs of the tied families, registered with torchtitan's registry when this
+module is imported (as torchtitan's own model packages register theirs)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,18 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
+from .data import build_local_text_dataloader, build_local_validator
 from .hf.flavor_file import FlavorTable
+from .metrics import build_tied_metrics_processor
 from .models import FAMILIES
 from .optim import build_tied_optimizers
 from .parallelize import parallelize_tied
+from .tokenizer import build_tokenizer
 
 SPEC_PREFIX = "tiedmoe_"
 
 
 def train_spec(family: str) -> TrainSpec:
-    from .data import build_local_text_dataloader, build_local_validator
-    from .metrics import build_tied_metrics_processor
-    from .tokenizer import build_tokenizer
-
     model_cls, flavors = FAMILIES[family]
     return TrainSpec(
         model_cls=model_cls,
@@ -42,3 +42,6 @@ def register_train_specs() -> None:
             get_train_spec(name)
         except ValueError:
             register_train_spec(name, train_spec(family))
+
+
+register_train_specs()

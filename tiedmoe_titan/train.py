@@ -38,13 +38,11 @@ import warnings
 from datetime import timedelta
 
 import torch
-from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
-import tiedmoe_titan  # noqa: F401  (CPU support, train specs)
-
+from . import spec  # noqa: F401  (registers the train specs torchtitan's Trainer looks up)
 from .checkpoint import (
     CheckpointMismatch,
     NonFiniteGuard,
@@ -58,9 +56,10 @@ from .checkpoint import (
     set_aside,
     set_aside_incomplete,
 )
-from .config import RecipeError, check_run, parse_recipe, write_resolved_recipe
-from .models.moe import model_routing_loss
+from .config import RecipeError, parse_recipe, write_resolved_recipe
+from .models.moe import loss_with_routing
 from .preemption import StopAgreement, StopRequest
+from .preflight import check_run
 
 USAGE = "usage: tiedmoe-train RECIPE.toml [--section.key value ...]"
 
@@ -176,15 +175,8 @@ class TiedMoETrainer(Trainer):
         self.stopped_for_resume = True
 
     def loss_with_routing(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss_sum = self.cross_entropy_fn(pred, labels)
-        routing = self.model_args.routing
         (model,) = self.model_parts
-        routing_loss = model_routing_loss(model, routing.aux_loss_coeff, routing.z_loss_coeff)
-        if routing_loss is None:
-            return loss_sum
-        # The trainer divides by the global valid-token count: weight by this microbatch's share.
-        weighted = routing_loss * (labels != IGNORE_INDEX).sum()
-        return loss_sum + (weighted - weighted.detach())
+        return loss_with_routing(self.cross_entropy_fn(pred, labels), labels, model, self.model_args.routing)
 
 
 def requeue_slurm_job() -> None:

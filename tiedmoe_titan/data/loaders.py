@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 
+from ..compat import build_validator_with_loader
 from .corpus import open_sources
 from .dataset import DataPosition, ShardDataset
 
@@ -123,22 +123,6 @@ def build_local_validation_dataloader(
     )
 
 
-@contextmanager
-def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
-    """Temporarily replace ``module.name``; fail loudly if it does not exist."""
-    if not hasattr(module, name):
-        raise RuntimeError(
-            f"{module.__name__}.{name} not found: this torchtitan version builds its "
-            "validation dataloader differently; update tiedmoe_titan.data.loaders.build_local_validator"
-        )
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
 def build_local_validator(
     job_config: JobConfig,
     dp_world_size: int,
@@ -155,28 +139,22 @@ def build_local_validator(
 ) -> "BaseValidator":
     """torchtitan's ``Validator`` reading ``validation.dataset_path`` locally.
 
-    Same signature as ``torchtitan.components.validate.build_validator``.
-    ``Validator.__init__`` builds its loader by calling the module-level name
-    ``build_text_validation_dataloader`` (HuggingFace datasets only).  Rather
-    than copy the class, we point that one name at our builder for the duration
-    of the constructor; the Trainer builds its validator once, from one thread.
+    Same signature as ``torchtitan.components.validate.build_validator``, whose
+    ``Validator`` builds its loader with ``build_local_validation_dataloader`` here
+    (``compat.build_validator_with_loader``) instead of copying the class.
     """
-    from torchtitan.components import validate as tt_validate
-
-    with _swapped(
-        tt_validate, "build_text_validation_dataloader", build_local_validation_dataloader
-    ):
-        return tt_validate.build_validator(
-            job_config=job_config,
-            dp_world_size=dp_world_size,
-            dp_rank=dp_rank,
-            tokenizer=tokenizer,
-            parallel_dims=parallel_dims,
-            loss_fn=loss_fn,
-            validation_context=validation_context,
-            maybe_enable_amp=maybe_enable_amp,
-            metrics_processor=metrics_processor,
-            pp_schedule=pp_schedule,
-            pp_has_first_stage=pp_has_first_stage,
-            pp_has_last_stage=pp_has_last_stage,
-        )
+    return build_validator_with_loader(
+        build_local_validation_dataloader,
+        job_config=job_config,
+        dp_world_size=dp_world_size,
+        dp_rank=dp_rank,
+        tokenizer=tokenizer,
+        parallel_dims=parallel_dims,
+        loss_fn=loss_fn,
+        validation_context=validation_context,
+        maybe_enable_amp=maybe_enable_amp,
+        metrics_processor=metrics_processor,
+        pp_schedule=pp_schedule,
+        pp_has_first_stage=pp_has_first_stage,
+        pp_has_last_stage=pp_has_last_stage,
+    )

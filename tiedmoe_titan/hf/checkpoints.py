@@ -22,7 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from ..checkpoint import CheckpointMismatch, check_compatible, complete_steps
-from ..config import model_args_of, parse_recipe, to_toml
+from ..config import parse_recipe, to_toml
+from ..preflight import model_args_of
 from ..models.qwen3 import TiedQwen3ModelArgs
 from ..spec import SPEC_PREFIX
 from ..tying import TieConfig, TieLayout

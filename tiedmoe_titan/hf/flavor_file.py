@@ -5,7 +5,7 @@ shape matches no named flavor, such as an imported Hugging Face checkpoint, is
 described by a JSON file of its model args instead, and a recipe names that file:
 ``[model] flavor = "/abs/path/flavor.json"``. ``FlavorTable`` is a family's table of
 named flavors that also answers such paths, so torchtitan's trainer (which looks the
-flavor up in the train spec's ``model_args``) and ``config.model_args_of`` need no change.
+flavor up in the train spec's ``model_args``) and ``preflight.model_args_of`` need no change.
 
 The file holds the model's shape (every field of the family's model args except
 ``tying`` and ``routing``, which come from the recipe's ``[tying]`` / ``[routing]``).

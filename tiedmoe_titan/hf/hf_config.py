@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 
-from torchtitan.models.moe import MoEArgs
-
+from ..models.family import routed_moe_args
 from ..models.qwen3 import TiedQwen3ModelArgs
 from ..tying import TieLayout
 from .errors import HFInteropError
@@ -133,16 +132,7 @@ def model_args_of_hf(config, hf_dir: str) -> tuple[str, TiedQwen3ModelArgs]:
             raise HFInteropError(f"{where}: {what}, which the {family} family cannot express")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     eos = config.eos_token_id
-    moe_args = MoEArgs(
-        num_experts=config.num_experts,
-        num_shared_experts=0,
-        top_k=config.num_experts_per_tok,
-        score_func="softmax",
-        route_norm=config.norm_topk_prob,
-        route_scale=1.0,
-        score_before_experts=False,
-        load_balance_coeff=None,
-    )
+    moe_args = routed_moe_args(config.num_experts, config.num_experts_per_tok, route_norm=config.norm_topk_prob)
     args = TiedQwen3ModelArgs(
         vocab_size=config.vocab_size,
         dim=config.hidden_size,

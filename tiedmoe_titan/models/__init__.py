@@ -1,9 +1,15 @@
-"""Tied-expert model families built on torchtitan's model code."""
+"""Tied-expert model families built on torchtitan's model code.
 
-from .bank import ExpertBank
+Importing it makes torchtitan's models run on CPU as well (``compat.enable``)."""
+
+from .. import compat
+
+compat.enable()
+
+from .bank import ExpertBank, banks_of
 from .deepseek import TiedDeepSeekModel, TiedDeepSeekModelArgs, deepseek_flavors
 from .family import RoutingConfig, TiedMoEArgs
-from .moe import TiedMoE, model_routing_loss, routing_losses, tie_experts
+from .moe import TiedMoE, loss_with_routing, model_routing_loss, routing_losses, tie_experts
 from .olmoe import OlmoeAttention, TiedOlmoeModel, olmoe_flavors
 from .qwen3 import TiedQwen3Model, TiedQwen3ModelArgs, qwen3_flavors
 
@@ -26,7 +32,9 @@ __all__ = [
     "TiedOlmoeModel",
     "TiedQwen3Model",
     "TiedQwen3ModelArgs",
+    "banks_of",
     "deepseek_flavors",
+    "loss_with_routing",
     "model_routing_loss",
     "olmoe_flavors",
     "qwen3_flavors",

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .bank import ExpertBank
+from .bank import banks_of
 from .moe import TiedMoE
 
 
@@ -40,7 +40,7 @@ class ParamCounts:
 def count_params(model: nn.Module) -> ParamCounts:
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for name, p in model.named_parameters() if "embedding" in name)
-    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    banks = banks_of(model)
     expert = sum(p.numel() for bank in banks for p in bank.parameters())
     active_expert = 0
     for layer in (m for m in model.modules() if isinstance(m, TiedMoE)):

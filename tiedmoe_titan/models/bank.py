@@ -10,6 +10,7 @@ checkpoint adapters) keep working on banks.
 
 from __future__ import annotations
 
+from torch import nn
 from torchtitan.models.moe.moe import GroupedExperts
 
 from ..tying import BankSpec
@@ -22,7 +23,13 @@ class ExpertBank(GroupedExperts):
         super().__init__(dim=dim, hidden_dim=hidden_dim, num_experts=spec.num_experts, use_grouped_mm=use_grouped_mm)
         self.bank_index = spec.index
         self.tie_group = spec.layers
+        self.owner = spec.owner  # the layer that registers (and so saves and shards) the bank
         self.hidden_dim = hidden_dim
 
     def extra_repr(self) -> str:
         return f"bank={self.bank_index}, layers={list(self.tie_group)}, experts={self.num_experts}"
+
+
+def banks_of(model: nn.Module) -> list[ExpertBank]:
+    """Each bank of ``model`` once (``modules()`` visits a shared bank once)."""
+    return [m for m in model.modules() if isinstance(m, ExpertBank)]

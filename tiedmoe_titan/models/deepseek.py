@@ -18,7 +18,7 @@ from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
 from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
 from torchtitan.models.moe import MoEArgs
 
-from .family import RoutingConfig, TiedMoEArgs
+from .family import RoutingConfig, TiedMoEArgs, routed_moe_args
 from .moe import tie_experts
 
 
@@ -60,16 +60,8 @@ DEEPSEEK_ROUTING = RoutingConfig(aux_loss_coeff=1e-4, z_loss_coeff=1e-4, expert_
 
 
 def _deepseek_moe(num_experts: int, num_shared_experts: int, top_k: int, **groups) -> MoEArgs:
-    return MoEArgs(
-        num_experts=num_experts,
-        num_shared_experts=num_shared_experts,
-        top_k=top_k,
-        score_func="sigmoid",
-        route_norm=True,
-        route_scale=1.0,
-        score_before_experts=False,
-        load_balance_coeff=None,  # set per layer from [routing] expert_bias_rate
-        **groups,
+    return routed_moe_args(
+        num_experts, top_k, route_norm=True, score_func="sigmoid", num_shared_experts=num_shared_experts, **groups
     )
 
 

@@ -6,9 +6,30 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
+from torchtitan.models.moe import MoEArgs
 
 from ..tying import TieConfig, TieLayout
 from .accounting import count_params, flops_per_token
+
+
+def routed_moe_args(
+    num_experts: int, top_k: int, *, route_norm: bool, score_func: str = "softmax", num_shared_experts: int = 0, **groups
+) -> MoEArgs:
+    """torchtitan's MoEArgs as every family here sets them: routing weights scaled by 1
+    and applied after the experts, and no expert bias of torchtitan's own (each layer
+    gets it from ``[routing] expert_bias_rate``, ``TiedMoEArgs.layer_moe_args``).
+    ``groups``: DeepSeek's ``num_expert_groups`` / ``num_limited_groups``."""
+    return MoEArgs(
+        num_experts=num_experts,
+        num_shared_experts=num_shared_experts,
+        top_k=top_k,
+        score_func=score_func,
+        route_norm=route_norm,
+        route_scale=1.0,
+        score_before_experts=False,
+        load_balance_coeff=None,
+        **groups,
+    )
 
 
 @dataclass

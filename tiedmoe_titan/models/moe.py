@@ -18,16 +18,12 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.models.moe import MoE, MoEArgs
 
+from ..compat import in_backward
 from ..tying import TieLayout
 from .bank import ExpertBank
-
-
-def in_backward() -> bool:
-    """True while autograd runs a backward pass, e.g. when activation checkpointing
-    recomputes a forward: what it computes then is not the step's routing."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def routing_losses(
@@ -94,7 +90,7 @@ class TiedMoE(MoE):
         # torchtitan built a private GroupedExperts; the bank replaces it.
         del self.experts
         self.layer_id = layer_id
-        self.owns_bank = bank.tie_group[0] == layer_id
+        self.owns_bank = bank.owner == layer_id
         if self.owns_bank:
             self.experts = bank
         else:
@@ -175,7 +171,7 @@ class TiedMoE(MoE):
     def extra_repr(self) -> str:
         if self.owns_bank:
             return ""
-        return f"experts -> bank {self.experts.bank_index} (owned by layers.{self.experts.tie_group[0]})"
+        return f"experts -> bank {self.experts.bank_index} (owned by layers.{self.experts.owner})"
 
 
 def tied_moe_layers(model: nn.Module) -> list[TiedMoE]:
@@ -197,6 +193,20 @@ def model_routing_loss(
     lb = torch.stack([lb for lb, _ in losses]).mean()
     z = torch.stack([z for _, z in losses]).mean()
     return aux_loss_coeff * lb + z_loss_coeff * z
+
+
+def loss_with_routing(loss_sum: torch.Tensor, labels: torch.Tensor, model: nn.Module, routing) -> torch.Tensor:
+    """The training loss of one microbatch: ``loss_sum`` (cross-entropy summed over its
+    tokens) plus the model's routing loss (``model_routing_loss``, coefficients from
+    ``routing``) weighted by the microbatch's non-ignored tokens. The trainer divides
+    the sum by the global count of non-ignored tokens, so the routing loss enters as its
+    token-weighted mean over microbatches. It adds gradient, not value: the loss logged
+    stays the cross-entropy."""
+    routing_loss = model_routing_loss(model, routing.aux_loss_coeff, routing.z_loss_coeff)
+    if routing_loss is None:
+        return loss_sum
+    weighted = routing_loss * (labels != IGNORE_INDEX).sum()
+    return loss_sum + (weighted - weighted.detach())
 
 
 def tie_experts(layers: nn.ModuleDict, layout: TieLayout, moe_args: MoEArgs, dim: int, hidden_dim: int) -> None:

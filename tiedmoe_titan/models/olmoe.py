@@ -14,6 +14,7 @@ from torch import nn
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3.model.model import Attention
 
+from .family import routed_moe_args
 from .qwen3 import TiedQwen3Model, TiedQwen3ModelArgs
 
 
@@ -54,16 +55,7 @@ class TiedOlmoeModel(TiedQwen3Model):
 
 
 def _olmoe_moe(num_experts: int, top_k: int) -> MoEArgs:
-    return MoEArgs(
-        num_experts=num_experts,
-        num_shared_experts=0,
-        top_k=top_k,
-        score_func="softmax",
-        route_norm=False,
-        route_scale=1.0,
-        score_before_experts=False,
-        load_balance_coeff=None,
-    )
+    return routed_moe_args(num_experts, top_k, route_norm=False)
 
 
 def _olmoe(**kwargs) -> TiedQwen3ModelArgs:

@@ -11,7 +11,7 @@ from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
 from torchtitan.models.qwen3.model.model import Qwen3Model
 
-from .family import TiedMoEArgs
+from .family import TiedMoEArgs, routed_moe_args
 from .moe import tie_experts
 
 
@@ -38,16 +38,7 @@ class TiedQwen3Model(Qwen3Model):
 
 
 def _qwen3_moe(num_experts: int, top_k: int) -> MoEArgs:
-    return MoEArgs(
-        num_experts=num_experts,
-        num_shared_experts=0,
-        top_k=top_k,
-        score_func="softmax",
-        route_norm=True,
-        route_scale=1.0,
-        score_before_experts=False,
-        load_balance_coeff=None,
-    )
+    return routed_moe_args(num_experts, top_k, route_norm=True)
 
 
 qwen3_flavors = {

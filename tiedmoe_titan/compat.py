@@ -1,8 +1,28 @@
-"""Everything needed to run torchtitan 0.2.2 on a machine without an accelerator.
+"""Every place the project relies on torchtitan 0.2.2's (or torch's) internals.
 
-torchtitan 0.2.2 assumes a GPU in five places. Each fix below only changes behaviour
-in a case that would otherwise fail (or, for the experts, compute in bf16 on CPU), and
-all of them live here:
+An upgrade of torchtitan reads this one file. Each seam names what it leans on:
+
+* ``check_torchtitan_version``: the project is written against torchtitan 0.2.2.
+* ``recipe_config_manager``, ``merged_job_config_class``: torchtitan's
+  ``ConfigManager`` parses the recipe; its private ``_maybe_load_toml`` is replaced
+  (the recipe arrives merged, ``extends`` resolved) and ``_validate_config`` (checks of
+  HF tokenizer folders) skipped; ``_merge_configs`` adds the project's sections.
+* ``build_validator_with_loader``: torchtitan's ``Validator`` builds its loader by
+  calling the module-level name ``build_text_validation_dataloader`` (HF datasets
+  only); that one name is pointed at the project's loader while it is built.
+* ``tensorboard_loggers``: ``LoggerContainer._loggers``, where the moe/ histograms go.
+* ``SAC_SAVE_OPS``: the ops each torchtitan plan's selective activation
+  checkpointing saves (``_op_sac_save_list``).
+* ``fsdp_units_and_gathered_bytes``: FSDP2's parameter groups (``_get_fsdp_state``,
+  ``FSDPParam._sharded_param_data``), which the shard-once harness reads to recognise
+  expert collectives; ``process_group_size`` unboxes the group a c10d op was given.
+* ``in_backward``: autograd's current graph task (``torch._C``), to tell an
+  activation-checkpointing recompute from a forward.
+* ``torch.optim._muon``: torch's Muon constants and LR adjustment, reused per expert.
+
+and the five places torchtitan 0.2.2 assumes a GPU. Each fix below only changes
+behaviour in a case that would otherwise fail (or, for the experts, compute in bf16 on
+CPU):
 
 1. ``torchtitan.tools.utils`` falls back to ``device_type = "cuda"`` when no
    accelerator exists, and several modules copied that name at import time. We point
@@ -25,21 +45,147 @@ all of them live here:
    which gloo lacks (``adapt_fsdp``).
 
 Every wrapper hands tensors on other devices to torchtitan's own function, so GPU
-behaviour is torchtitan's. ``enable()`` runs when ``tiedmoe_titan`` is imported; it is
-idempotent.
+behaviour is torchtitan's. The ``torch.histc`` and permutation wrappers are
+process-wide on purpose: CPU tensors on a GPU host (eval, import, export) need them too.
+``enable()`` runs when ``tiedmoe_titan.models`` is imported (anything that builds a
+model); it is idempotent. Importing the pure ``tiedmoe_titan.tying`` patches nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import platform
 import resource
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr
+from torchtitan.components.metrics import LoggerContainer, TensorBoardLogger
+from torchtitan.config import ConfigManager
+from torchtitan.config import JobConfig as TitanJobConfig
+from torchtitan.models.deepseek_v3.infra.parallelize import _op_sac_save_list as deepseek_sac_ops
+from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list as qwen3_sac_ops
+from torchtitan.models.qwen3.model.model import Qwen3Model
+
+TORCHTITAN_VERSION = "0.2.2"
+
+
+def check_torchtitan_version() -> None:
+    installed = importlib.metadata.version("torchtitan")
+    if installed != TORCHTITAN_VERSION:
+        raise RuntimeError(
+            f"torchtitan {installed} is installed, but tiedmoe_titan relies on torchtitan {TORCHTITAN_VERSION}'s "
+            f"internals (tiedmoe_titan/compat.py): pip install torchtitan=={TORCHTITAN_VERSION}"
+        )
+
+
+# ---- torchtitan's config manager ------------------------------------------------------
+
+
+def merged_job_config_class(custom: type) -> type:
+    """torchtitan's JobConfig with the sections of ``custom`` merged in, as torchtitan
+    does for ``--job.custom_config_module``."""
+    return ConfigManager._merge_configs(TitanJobConfig, custom)
+
+
+def recipe_config_manager(values: dict) -> ConfigManager:
+    """torchtitan's ConfigManager parsing the merged recipe ``values`` instead of reading
+    one TOML file, without its checks of HF tokenizer folders (the pre-run checks cover
+    the project's tokenizers)."""
+
+    class RecipeConfigManager(ConfigManager):
+        def _maybe_load_toml(self, args):
+            return values
+
+        def _validate_config(self):
+            pass
+
+    return RecipeConfigManager()
+
+
+# ---- torchtitan's validator, metrics and activation checkpointing ---------------------
+
+
+def build_validator_with_loader(build_loader: Callable, **validator_args) -> Any:
+    """torchtitan's ``build_validator``, whose ``Validator`` builds its loader with
+    ``build_loader`` instead of the HF-datasets ``build_text_validation_dataloader``
+    (the one module-level name it calls, pointed at ``build_loader`` for the duration
+    of the constructor; the Trainer builds its validator once, from one thread)."""
+    from torchtitan.components import validate  # imports pipelining: only when a validator is built
+
+    name = "build_text_validation_dataloader"
+    if not hasattr(validate, name):
+        raise RuntimeError(f"torchtitan.components.validate.{name} not found: update tiedmoe_titan.compat for this torchtitan")
+    original = getattr(validate, name)
+    setattr(validate, name, build_loader)
+    try:
+        return validate.build_validator(**validator_args)
+    finally:
+        setattr(validate, name, original)
+
+
+def tensorboard_loggers(metric_logger: Any) -> list[TensorBoardLogger]:
+    """The TensorBoard writers behind torchtitan's metric logger (one, or several in a
+    ``LoggerContainer``)."""
+    if isinstance(metric_logger, TensorBoardLogger):
+        return [metric_logger]
+    if isinstance(metric_logger, LoggerContainer):
+        return [lg for lg in metric_logger._loggers if isinstance(lg, TensorBoardLogger)]
+    return []
+
+
+# The torchtitan model each family builds on -> the ops its plan's selective activation
+# checkpointing saves.
+SAC_SAVE_OPS = {Qwen3Model: qwen3_sac_ops, DeepSeekV3Model: deepseek_sac_ops}
+
+
+# ---- torch internals -------------------------------------------------------------------
+
+# torch's Muon (``torch.optim._muon``), which muon.py applies per expert: the quintic
+# Newton-Schulz coefficients, its normalisation epsilon and its LR adjustment by shape.
+MUON_NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+MUON_NS_EPS = EPS
+muon_adjusted_lr = _adjust_lr
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, e.g. when activation checkpointing
+    recomputes a forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def fsdp_units_and_gathered_bytes(module: torch.nn.Module) -> list[tuple[list[torch.nn.Module], int]]:
+    """For each FSDP2 parameter group of ``module``: the modules it shards and the bytes
+    one all-gather of it moves (its parameters unsharded, in their mixed-precision
+    dtype if one is set)."""
+    out = []
+    for group in module._get_fsdp_state()._fsdp_param_groups:
+        shard_bytes = sum(
+            p._sharded_param_data.numel() * (p.param_dtype or p._sharded_param_data.dtype).itemsize
+            for p in group.fsdp_params
+        )
+        out.append((list(group.modules), shard_bytes * group.mesh_info.shard_mesh_size))
+    return out
+
+
+def process_group_size(op_args) -> int:
+    """The size of the process group a collective op was dispatched with, or -1."""
+    for a in op_args:
+        if isinstance(a, torch.ScriptObject):  # c10d ops carry the ProcessGroup boxed
+            return dist.ProcessGroup.unbox(a).size()
+        if isinstance(a, str):  # functional collectives carry the group's name
+            return dist.distributed_c10d._resolve_process_group(a).size()
+    return -1
+
+
+# ---- running on CPU --------------------------------------------------------------------
 
 _enabled = False
 
@@ -169,6 +315,7 @@ def enable() -> None:
     if _enabled:
         return
     _enabled = True
+    check_torchtitan_version()
 
     torch.histc = _histc_for_cpu_integers(torch.histc)
 

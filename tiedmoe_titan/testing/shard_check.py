@@ -12,7 +12,7 @@ layouts see exactly the same data:
   by the global batch's token count, as torchtitan's trainer does;
 * ``reference`` runs the same pieces one after another in a single process.
 
-Run under torchrun: ``torchrun --nproc-per-node 4 -m tiedmoe_titan.shard_check
+Run under torchrun: ``torchrun --nproc-per-node 4 -m tiedmoe_titan.testing.shard_check
 --configs '{"g2": {"dp_shard": 4, "ep": 2, "tying": {"group_size": 2}}}' --out result.pt``.
 """
 
@@ -27,22 +27,23 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchtitan.components.loss import cross_entropy_loss
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
-import tiedmoe_titan  # noqa: F401  (CPU support)
-
-from .config import job_config_class
-from .models import FAMILIES
-from .models.bank import ExpertBank
-from .models.moe import model_routing_loss
-from .optim import build_tied_optimizers
-from .parallelize import parallelize_tied
-from .tying import TieConfig
+from ..compat import fsdp_units_and_gathered_bytes, process_group_size
+from ..config import job_config_class
+from ..memory import RankMemory, StepShape, estimate, meta_model
+from ..models import FAMILIES
+from ..models.bank import ExpertBank, banks_of
+from ..models.moe import loss_with_routing
+from ..optim import build_tied_optimizers
+from ..parallelize import parallelize_tied
+from ..tying import TieConfig
 
 
 @dataclass
@@ -166,32 +167,19 @@ class CollectiveCounter(TorchDispatchMode):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
             nbytes = max(t.numel() * t.element_size() for t in tensors)
-            self.calls.append((func.__name__.split(".")[0].strip("_"), _group_size(args), nbytes))
+            self.calls.append((func.__name__.split(".")[0].strip("_"), process_group_size(args), nbytes))
         return func(*args, **(kwargs or {}))
 
-
-
-def _group_size(args) -> int:
-    for a in args:
-        if isinstance(a, torch.ScriptObject):  # c10d ops carry the ProcessGroup boxed
-            return dist.ProcessGroup.unbox(a).size()
-        if isinstance(a, str):  # functional collectives carry the group's name
-            return dist.distributed_c10d._resolve_process_group(a).size()
-    return -1
 
 
 # ---- one training step -------------------------------------------------------------
 
 
 def piece_loss(model, tokens: torch.Tensor, global_tokens: int, routing) -> torch.Tensor:
+    """One piece's share of the step's loss, with the trainer's own loss functions
+    (torchtitan's summed cross-entropy, ``loss_with_routing``)."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs)
-    ce_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-    routing_loss = model_routing_loss(model, routing.aux_loss_coeff, routing.z_loss_coeff)
-    if routing_loss is not None:
-        weighted = routing_loss * labels.numel()
-        ce_sum = ce_sum + (weighted - weighted.detach())
-    return ce_sum / global_tokens
+    return loss_with_routing(cross_entropy_loss(model(inputs), labels), labels, model, routing) / global_tokens
 
 
 def run_step(model, optimizers, pieces: torch.Tensor, global_tokens: int) -> float:
@@ -219,21 +207,12 @@ def expert_unit_bytes(model) -> set[int]:
     """Unsharded byte sizes of the FSDP units that hold routed experts: a collective of
     one of these sizes moves expert weights or gradients (bank units in a tied plan;
     with torchtitan's untied plan without EP, the whole block unit)."""
-    from torch.distributed.fsdp import FSDPModule
-
     sizes = set()
     for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        for group in module._get_fsdp_state()._fsdp_param_groups:
-            if not any(isinstance(sub, ExpertBank) for unit in group.modules for sub in unit.modules()):
-                continue
-            # All-gathers move parameters in their mixed-precision dtype, if one is set.
-            shard_bytes = sum(
-                p._sharded_param_data.numel() * (p.param_dtype or p._sharded_param_data.dtype).itemsize
-                for p in group.fsdp_params
-            )
-            sizes.add(shard_bytes * group.mesh_info.shard_mesh_size)
+        if isinstance(module, FSDPModule):
+            for units, gathered_bytes in fsdp_units_and_gathered_bytes(module):
+                if any(isinstance(sub, ExpertBank) for unit in units for sub in unit.modules()):
+                    sizes.add(gathered_bytes)
     return sizes
 
 
@@ -262,7 +241,7 @@ def held_memory(params: list[torch.Tensor], optimizers) -> dict[str, int]:
 
 def expert_memory(model, optimizers) -> dict[str, int]:
     """Routed-expert parameters, gradients and optimizer state held on this rank."""
-    held = held_memory([p for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()], optimizers)
+    held = held_memory([p for bank in banks_of(model) for p in bank.parameters()], optimizers)
     return {**held, "total": sum(held.values())}
 
 
@@ -413,6 +392,15 @@ def stepwise(cfg: CheckConfig):
         "optimizers": optimizers,
         "parallel_dims": dims,
     }
+
+
+def estimate_check(cfg: CheckConfig, world_size: int) -> RankMemory:
+    """The planner's per-rank memory estimate for a layout (how the planner is validated)."""
+    job = job_config(cfg)
+    shape = dataclasses.replace(
+        StepShape.of_job_config(job, cfg.dp), local_batch_size=cfg.batch, seq_len=cfg.seq_len, microbatches=cfg.microbatches
+    )
+    return estimate(meta_model(FAMILIES[cfg.family][0], model_args(cfg)), parallel_dims(cfg, world_size), shape)
 
 
 def dcp_roundtrip(result: dict, cfg: CheckConfig, directory: str) -> dict:
