@@ -519,7 +519,7 @@ def probe_flavor(shape: dict, recipe: str, seq_len: int, out: str) -> dict:
     import tiedmoe_titan.spec  # noqa: F401  (train specs)
     from tiedmoe_titan.config import parse_recipe
     from tiedmoe_titan.preflight import model_args_of
-    from tiedmoe_titan.hf.flavor_file import write_flavor_file
+    from tiedmoe_titan.models.flavor_file import write_flavor_file
     from tiedmoe_titan.models import FAMILIES
     from tiedmoe_titan.models.accounting import count_params, flops_per_token
 

@@ -254,7 +254,7 @@ def initial_weights(scale: Scale, variants: list[Variant], seed: int, out: str) 
     Each variant keeps its natural initial distribution; what changes is that the
     variants of one seed no longer differ by unrelated random draws, so the per-seed
     difference from untied measures tying, not the luck of the draw."""
-    from tiedmoe_titan.hf.checkpoints import single_process
+    from tiedmoe_titan.saved_checkpoints import single_process
     from tiedmoe_titan.testing.shard_check import CheckConfig, initial_state
 
     import torch.distributed.checkpoint as dcp
@@ -339,8 +339,8 @@ def read_events(tb_root: str) -> dict[str, list[tuple[int, float]]]:
 def run_one(scale: Scale, variant: Variant, seed: int, init: str, out: str, train: str, valid: str, threads: int) -> dict:
     """Train one variant x seed (unless done before) and evaluate its last checkpoint."""
     from tiedmoe_titan.eval import evaluate
-    from tiedmoe_titan.hf.checkpoints import single_process
-    from tiedmoe_titan.hf.flavor_file import write_flavor_file
+    from tiedmoe_titan.saved_checkpoints import single_process
+    from tiedmoe_titan.models.flavor_file import write_flavor_file
 
     name = f"{variant.name}-s{seed}"
     run_dir = os.path.join(out, "runs", name)

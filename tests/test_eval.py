@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from tiedmoe_titan.config import parse_recipe, write_resolved_recipe
 from tiedmoe_titan.preflight import model_args_of
 from tiedmoe_titan.eval import evaluate, main
-from tiedmoe_titan.hf.checkpoints import single_process
-from tiedmoe_titan.hf.flavor_file import write_flavor_file
+from tiedmoe_titan.saved_checkpoints import single_process
+from tiedmoe_titan.models.flavor_file import write_flavor_file
 from tiedmoe_titan.models import FAMILIES
 from tiedmoe_titan.tokenizer import DEFAULT_TOKENIZER_PATH, SentencePieceTokenizer
 

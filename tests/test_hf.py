@@ -21,9 +21,9 @@ from safetensors.torch import load_file  # noqa: E402
 from tiedmoe_titan.config import parse_recipe, write_resolved_recipe  # noqa: E402
 from tiedmoe_titan.preflight import model_args_of
 from tiedmoe_titan.hf import load_tied_pretrained  # noqa: E402
-from tiedmoe_titan.hf.checkpoints import single_process  # noqa: E402
+from tiedmoe_titan.saved_checkpoints import single_process  # noqa: E402
 from tiedmoe_titan.hf.export import main as export_main  # noqa: E402
-from tiedmoe_titan.hf.flavor_file import write_flavor_file  # noqa: E402
+from tiedmoe_titan.models.flavor_file import write_flavor_file  # noqa: E402
 from tiedmoe_titan.hf.importer import main as import_main  # noqa: E402
 from tiedmoe_titan.models import FAMILIES  # noqa: E402
 

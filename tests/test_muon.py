@@ -92,7 +92,10 @@ def test_matrix_and_bank_steps_are_torch_muon():
         ours_opt.step()
         theirs_opt.step()
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
-    torch.testing.assert_close(ours[1], torch.stack(theirs[1:]), rtol=0, atol=0)
+    # A batched matmul and single ones may take different BLAS kernels: a one-ulp bf16
+    # flip moves an entry by ~1e-5 per step. A missing per-expert lr adjustment, or one
+    # normalisation across experts, would move them by ~1e-2.
+    torch.testing.assert_close(ours[1], torch.stack(theirs[1:]), rtol=0, atol=1e-4)
 
 
 def test_each_bank_expert_update_is_orthogonal():

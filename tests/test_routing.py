@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_model, flavor_args
+from conftest import build_model
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from tiedmoe_titan.models import model_routing_loss, routing_losses

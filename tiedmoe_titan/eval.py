@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import ArgumentParser, RecipeError, parse_recipe
-from .preflight import model_args_of
 from .data import open_sources, resolve_dataset_files
-from .hf.checkpoints import ProjectModel, find_recipe, find_step, read_model_state, single_process
-from .hf.errors import HFInteropError
+from .preflight import model_args_of
+from .saved_checkpoints import ProjectModel, find_recipe, find_step, read_model_state, single_process
 from .spec import SPEC_PREFIX
 from .tokenizer import load_tokenizer
 
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             result = evaluate(
                 options.checkpoint, options.data, options.recipe, options.tokenizer, options.seq_len, options.batch_size, progress
             )
-    except (HFInteropError, RecipeError, ValueError, FileNotFoundError) as e:
+    except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if options.json:

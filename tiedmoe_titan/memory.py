@@ -156,6 +156,21 @@ def local_params(model: nn.Module, parallel_dims) -> list[LocalParam]:
     return out
 
 
+def sharded_grad_bytes(params: list[LocalParam], n_layers: int) -> tuple[int, list[int]]:
+    """Bytes of the sharded gradients of the head (final norm and output projection,
+    the first produced in backward) and of each block (a bank's count under the layer
+    that owns it: its gradient is reduce-scattered when the group's first block is
+    done). The embedding's, produced last, is in neither."""
+    head, blocks = 0, [0] * n_layers
+    for p in params:
+        parts = p.name.split(".")
+        if parts[0] == "layers":
+            blocks[int(parts[1])] += p.numel * FP32
+        elif parts[0] in ("norm", "output"):
+            head += p.numel * FP32
+    return head, blocks
+
+
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -338,7 +353,8 @@ def estimate(model: nn.Module, parallel_dims, shape: StepShape) -> RankMemory:
     block_input = model_args.dim * act_bytes
     kept = {"input": block_input, "op": op_checkpoint_kept_bytes(model_args, act_bytes)}
     policies = block_checkpointing(shape.ac_mode, shape.selective_ac_option, model_args.n_layers)
-    saved_blocks = tokens * sum(per_layer[i] if p == "all" else kept[p] for i, p in enumerate(policies))
+    saved_per_block = [tokens * (per_layer[i] if p == "all" else kept[p]) for i, p in enumerate(policies)]
+    saved_blocks = sum(saved_per_block)
     # The final norm, its output (the output projection's input) and the log-softmax
     # kept by the loss.
     saved_head = tokens * (norm_saved_bytes(model_args.dim) + model_args.dim * act_bytes + model_args.vocab_size * FP32)
@@ -349,15 +365,23 @@ def estimate(model: nn.Module, parallel_dims, shape: StepShape) -> RankMemory:
     # does not reshard it after forward).
     output_unit = _numel(model.output) + _numel(model.norm) if fsdp else 0
     at_loss = activations + 2 * tokens * model_args.vocab_size * FP32 + output_unit * act_bytes
-    # Or later, as the backward of the largest block starts: its activations recomputed
-    # if it was checkpointed, the incoming gradients (block output, residual, the k
-    # routed copies of each token), its gathered parameters and the next block's,
-    # prefetched. (Its unsharded gradients and the reduce-scatter input come as its
-    # activations are freed.)
-    recompute = max(per_layer) * tokens if any(p != "all" for p in policies) else 0
+    # Or later, as the backward of a block starts: the activations still saved (its own
+    # and the earlier blocks'), its own again if it was checkpointed (recomputed), the
+    # incoming gradients (block output, residual, the k routed copies of each token),
+    # the gathered parameters of the largest block and of the next, prefetched, and the
+    # sharded gradients the head and the later blocks have already produced. (A block's
+    # unsharded gradients and the reduce-scatter input come as its activations are
+    # freed.) Early blocks hold fewer activations, but more finished gradients.
     gradients = tokens * (2 + model_args.moe_args.top_k) * model_args.dim * act_bytes
     block = largest_block_unit(model, parallel_dims.ep) if fsdp else 0
-    in_block = saved_blocks + recompute + gradients + 2 * block * act_bytes
+    # With several micro-batches every gradient is held throughout (``grads_in_flight``).
+    head_grads, block_grads = sharded_grad_bytes(params, model_args.n_layers) if shape.microbatches == 1 else (0, [0] * model_args.n_layers)
+    in_block = max(
+        sum(saved_per_block[: i + 1])
+        + (tokens * per_layer[i] if policies[i] != "all" else 0)
+        + head_grads + sum(block_grads[i + 1 :])
+        for i in range(model_args.n_layers)
+    ) + gradients + 2 * block * act_bytes
     transient = max(at_loss, in_block) - activations
     grads_in_flight = param_bytes if shape.microbatches > 1 else 0
     forward_backward = param_bytes + optimizer + buffers + grads_in_flight + activations + transient

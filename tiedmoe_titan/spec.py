@@ -8,7 +8,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
 from .data import build_local_text_dataloader, build_local_validator
-from .hf.flavor_file import FlavorTable
+from .models.flavor_file import FlavorTable
 from .metrics import build_tied_metrics_processor
 from .models import FAMILIES
 from .optim import build_tied_optimizers
@@ -22,7 +22,7 @@ def train_spec(family: str) -> TrainSpec:
     model_cls, flavors = FAMILIES[family]
     return TrainSpec(
         model_cls=model_cls,
-        model_args=FlavorTable(flavors),  # named flavors, or a path to a flavor .json (hf/flavor_file.py)
+        model_args=FlavorTable(flavors),  # named flavors, or a path to a flavor .json (models/flavor_file.py)
         parallelize_fn=parallelize_tied,
         pipelining_fn=None,
         build_optimizers_fn=build_tied_optimizers,

@@ -20,7 +20,8 @@ from __future__ import annotations
 import sys
 
 from ..config import ArgumentParser, RecipeError
-from .checkpoints import find_recipe, find_step, model_of_recipe, read_model_state
+from ..saved_checkpoints import SavedCheckpointError, find_recipe, find_step, read_model_state
+from .checkpoints import model_of_recipe
 from .errors import HFInteropError
 from .files import make_output_folder, write_safetensors
 from .hf_config import hf_config
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         export(options.checkpoint, options.outdir, options.format, options.recipe, options.drop_expert_bias)
-    except (HFInteropError, RecipeError) as e:
+    except (HFInteropError, RecipeError, SavedCheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -28,7 +28,8 @@ from ..config import ArgumentParser, RecipeError
 from ..tokenizer import HF_FILES, is_hf_folder, load_tokenizer
 from ..models import FAMILIES
 from ..tying import TieConfig, TieConfigError
-from .checkpoints import IMPORT_MODEL, IMPORT_RECIPE, IMPORT_TOKENIZER, ProjectModel, write_import
+from ..saved_checkpoints import IMPORT_MODEL, IMPORT_RECIPE, IMPORT_TOKENIZER, ProjectModel
+from .checkpoints import write_import
 from .errors import HFInteropError
 from .files import SafetensorsFolder, make_output_folder
 from .hf_config import TIED_EXPERTS_KEY, model_args_of_hf, read_hf_config

@@ -20,7 +20,7 @@ import typing
 from typing import Any
 
 from ..config import RecipeError, check_values
-from ..models.family import TiedMoEArgs
+from .family import TiedMoEArgs
 
 FLAVOR_FILE_SUFFIX = ".json"
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(TiedMoEArgs))
