@@ -53,7 +53,7 @@ CASES: dict[str, tuple[int, dict]] = {
     ),
 }
 TEST_CASES = [name for name in CASES if name.startswith("test_")]
-STATIC_TOLERANCE, PEAK_TOLERANCE = 0.02, 0.15
+STATIC_TOLERANCE, PEAK_TOLERANCE = 0.0, 0.08  # static: to the byte (tensor sizes)
 
 
 def check_config(fields: dict):

@@ -43,8 +43,8 @@ def test_closed_form_shards_equal_the_dry_run(layout, group_size):
 
 def test_measured_cpu_steps_match_the_prediction():
     """One process and two gloo processes (FSDP, EP=2), G=1 and G=2, AC none and full,
-    qwen3 and olmoe debug flavors: parameters + gradients + optimizer state within 2%,
-    the step's peak within 15% (tensor-level tracking)."""
+    qwen3 and olmoe debug flavors: parameters + gradients + optimizer state to the byte,
+    the step's peak within 8% (tensor-level tracking; measured: at most 5.9%)."""
     rows = planner_validation.compare(planner_validation.TEST_CASES)
     for row in rows:
         assert abs(row["static_error"]) <= planner_validation.STATIC_TOLERANCE, row
