@@ -3,6 +3,7 @@ expansion and the iso-parameter narrow control, trained on the same tokens.
 
     python experiments/reproduce_tying.py [--out DIR] [--data-train GLOBS --data-valid GLOBS]
                                           [--seeds 6] [--jobs 2] [--quick | --scale]
+                                          [--paper [--optimizer muon|adamw] [--layers 16]]
 
 Every variant x seed is one ``tiedmoe-train`` run (a subprocess) of the same model
 shape on the same data in the same order, started from that seed's initial weights.
@@ -38,12 +39,55 @@ The default corpus is real English prose available offline: the docstrings of th
 Python's standard library (``tiedmoe_titan.assets.stdlib_corpus``, one document
 per module, split into train / valid by module path), collected under ``--out``.
 
+Paper-style mode (``--paper``): the recipe of the paper's reference code (epfml/looped-moe,
+``moe_train.py``: ``build_optimizer``, ``get_lr``, ``TRAIN_CONFIGS``) on the debug shape
+with 16 MoE layers, the depth of the paper's OLMoE-style model (everything else as the
+default: d128, 8 experts top-2, expert FFN 64). Its variants: untied, G=2 and G=4 with the
+bank LR / sqrt(G) (the reference's G=4 runs pass ``--tied-lr-divisor 2.0``), G=4 unscaled,
+G=4 with a 4x bank (LR / sqrt(G)) and the narrow control of G=4. The reference's settings
+mapped onto this project's knobs::
+
+    reference (torch.optim.Muon + AdamW)       here
+    Muon on 2-D matrices and on each expert    optimizer.name = "Muon" (banks are
+      matrix on its own                          orthogonalised expert by expert)
+    Muon lr 2e-2, cosine to 2e-3               optimizer.lr = 0.02; lr_scheduler.decay_type =
+                                                 "cosine", min_lr_factor = 0.1 (base recipe)
+    100 linear warm-up steps of 20,000         lr_scheduler.warmup_steps = 0.5% of the steps
+    momentum 0.95, Nesterov                    optimizer.muon.momentum = 0.95, nesterov = true
+    adjust_lr_fn None (torch's default)        optimizer.muon.adjust_lr_fn = "original"
+    Newton-Schulz: torch's, 5 steps, bf16      optimizer.muon.ns_steps = 5, ns_dtype = "bfloat16"
+    Muon weight decay 0.1                      optimizer.muon.weight_decay = 0.1
+    AdamW at 0.1 x the Muon lr (and schedule)  optimizer.muon.adamw_lr_ratio = 0.1
+    AdamW weight decay 0.01, betas 0.9, 0.95,  optimizer.weight_decay = 0.01, beta1 = 0.9,
+      eps 1e-8 (torch's default)                 beta2 = 0.95, eps = 1e-8
+    AdamW on router, embeddings, head, 1-D     the same split (muon.muon_and_adamw_params)
+    gradient clipping 1.0                      training.max_norm = 1.0 (base recipe)
+    aux loss 0.01, z-loss 1e-4, layer means    routing.aux_loss_coeff = 0.01, z_loss_coeff =
+                                                 1e-4, layer means (base recipe)
+    --tied-lr-divisor 2.0 at G=4               tying.bank_lr_scale = "inv_sqrt_g" (1/sqrt(4))
+
+Not mapped exactly (no knob here, or not an optimizer setting): the reference's OLMoE
+stores an expert's w1 and w3 as one fused (2 x FFN, dim) matrix, which Muon
+orthogonalises as a whole; here they are orthogonalised one by one (their LR adjustment,
+sqrt(max(1, out / in)), is 1 either way at this shape). The reference re-initialises every
+matrix with depth-scaled Xavier (gain 1 / sqrt(3 x layers)); here torchtitan's init. Its
+G=4 runs take a 2x micro-batch at the same tokens per step, so their routing losses are
+means over twice the tokens; here every variant takes one micro-batch per step. It trains
+under bf16 autocast; here in fp32. Warm-up cannot be both 100 steps and 0.5% of a run
+50x shorter: the fraction is kept.
+
+Attribution: ``--paper --optimizer adamw`` (16 layers, today's AdamW recipe: lr 3e-3,
+weight decay 0.1, 5% warm-up) and ``--paper --layers 8`` (the Muon recipe at the default
+depth) train untied and G=4 (bank LR as the rest) by default: depth alone, optimizer
+alone. Each setting has its own default output folder.
+
 Outputs under ``--out``: ``results.json``, ``results.md`` (the table), ``train_loss.png``,
 ``val_loss.png`` and ``val_loss_vs_untied.png`` (matplotlib), ``init/s<seed>/<variant>``
 (initial weights), ``runs/<variant>-s<seed>/`` (each run's dump folder, log and
 ``result.json``; a run whose ``result.json`` exists is not run again, so an interrupted
 comparison resumes, and more seeds or variants add to it). ``settings.json`` records
-the training settings; a later invocation with other settings is refused.
+the training settings and the code they ran (``code_version``); a later invocation with
+other settings or other code is refused.
 """
 
 from __future__ import annotations
@@ -53,6 +97,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -105,18 +150,66 @@ VARIANTS = (
         positive_control=True,
     ),
 )
-# The comparison of the paper; the ablations after it run on request (--variants).
-PAPER_VARIANTS = tuple(v.name for v in VARIANTS)
-VARIANTS += tuple(
-    Variant(f"g4_lr_{scale}", f"tied G=4, 2+2 anchors, bank LR {label}", {"group_size": 4, **ANCHORS, "bank_lr_scale": scale})
-    for scale, label in (("inv_sqrt_g", "/ sqrt(4)"), ("inv_g", "/ 4"))
+# The comparison of the default and --scale modes; the ablations below run on request (--variants).
+DEFAULT_VARIANTS = tuple(v.name for v in VARIANTS)
+
+
+def bank_lr_variant(base: Variant, bank_lr_scale: str) -> Variant:
+    """``base`` with each shared bank's learning rate scaled by ``tying.bank_lr_scale``."""
+    g = base.tying["group_size"]
+    label = {"inv_sqrt_g": f"/ sqrt({g})", "inv_g": f"/ {g}"}[bank_lr_scale]
+    return Variant(f"{base.name}_lr_{bank_lr_scale}", f"{base.label}, bank LR {label}",
+                   {**base.tying, "bank_lr_scale": bank_lr_scale})
+
+
+_BY_NAME = {v.name: v for v in VARIANTS}
+VARIANTS += (
+    # The default comparison's bank-LR ablation.
+    bank_lr_variant(_BY_NAME["g4"], "inv_sqrt_g"),
+    bank_lr_variant(_BY_NAME["g4"], "inv_g"),
+    # --paper's tied variants: its reference divides a shared bank's LR by sqrt(G).
+    bank_lr_variant(_BY_NAME["g2"], "inv_sqrt_g"),
+    bank_lr_variant(_BY_NAME["g4_x4"], "inv_sqrt_g"),
 )
 QUICK_VARIANTS = ("untied", "g4")
+# --paper: the reference's bank-LR rule on every tied variant, and G=4 without it.
+PAPER_MODE_VARIANTS = ("untied", "g2_lr_inv_sqrt_g", "g4_lr_inv_sqrt_g", "g4", "g4_x4_lr_inv_sqrt_g", "narrow")
+# --paper with today's optimizer or depth changes one thing against the default
+# comparison, so G=4 keeps its bank LR as the rest's there.
+ATTRIBUTION_VARIANTS = ("untied", "g4")
+QUICK_PAPER_VARIANTS = ("untied", "g4_lr_inv_sqrt_g")
+PAPER_LAYERS = 16  # the paper's OLMoE-style model: 16 layers, all MoE
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An optimizer and its schedule: ``[optimizer]`` keys besides ``lr``, and the
+    warm-up as a fraction of the run (runs here are far shorter than the recipes' own)."""
+
+    lr: float
+    warmup_fraction: float
+    optimizer: dict
+
+    def warmup(self, steps: int) -> int:
+        return max(1, round(self.warmup_fraction * steps))
+
+
+RECIPES = {
+    # Today's: recipes/debug_cpu.toml with the default scale's lr and warm-up (20 of 400 steps).
+    "adamw": Recipe(lr=3e-3, warmup_fraction=20 / 400,
+                    optimizer={"name": "AdamW", "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}),
+    # The paper's reference, mapped key by key in the module docstring (100 warm-up steps of 20,000).
+    "muon": Recipe(lr=2e-2, warmup_fraction=100 / 20_000, optimizer={
+        "name": "Muon", "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
+        "muon": {"adamw_lr_ratio": 0.1, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_dtype": "bfloat16",
+                 "adjust_lr_fn": "original", "weight_decay": 0.1},
+    }),
+}
 
 
 @dataclass(frozen=True)
 class Scale:
-    """Model shape (overrides of the olmoe debug flavor) and training budget."""
+    """Model shape (overrides of the olmoe debug flavor), training budget and optimizer."""
 
     shape: dict
     steps: int
@@ -130,12 +223,14 @@ class Scale:
     seeds: int
     variants: tuple[str, ...]
     mixed_precision: str = "float32"
+    optimizer: dict = field(default_factory=dict)  # [optimizer] keys besides lr; none: the base recipe's AdamW
 
 
+PAPER_STEPS = 400
 SCALES = {
     # The olmoe debug flavor (d128, 8 layers, 8 experts top-2, expert FFN 64, vocab 2048).
     "default": Scale(shape={}, steps=400, batch=8, seq_len=128, warmup=20, log_freq=10, val_freq=100, val_batches=8,
-                     lr=3e-3, seeds=6, variants=PAPER_VARIANTS),
+                     lr=3e-3, seeds=6, variants=DEFAULT_VARIANTS),
     # A CI smoke test: two variants, one seed, a handful of steps.
     "quick": Scale(shape={}, steps=8, batch=2, seq_len=64, warmup=2, log_freq=2, val_freq=4, val_batches=2,
                    lr=3e-3, seeds=1, variants=QUICK_VARIANTS),
@@ -144,9 +239,33 @@ SCALES = {
         shape={"dim": 512, "n_layers": 16, "n_heads": 8, "n_kv_heads": 8, "head_dim": 64, "moe_inter_dim": 256,
                "max_seq_len": 1024, "moe_args": {"num_experts": 16, "top_k": 4}},
         steps=5000, batch=32, seq_len=1024, warmup=200, log_freq=50, val_freq=500, val_batches=16,
-        lr=1e-3, seeds=3, variants=PAPER_VARIANTS, mixed_precision="bfloat16",
+        lr=1e-3, seeds=3, variants=DEFAULT_VARIANTS, mixed_precision="bfloat16",
+    ),
+    # --paper: the debug flavor at the paper's depth, the reference's Muon recipe.
+    "paper": Scale(
+        shape={"n_layers": PAPER_LAYERS}, steps=PAPER_STEPS, batch=8, seq_len=128, warmup=RECIPES["muon"].warmup(PAPER_STEPS),
+        log_freq=10, val_freq=100, val_batches=8, lr=RECIPES["muon"].lr, seeds=4, variants=PAPER_MODE_VARIANTS,
+        optimizer=RECIPES["muon"].optimizer,
     ),
 }
+
+
+def paper_scale(recipe: str, layers: int, steps: int | None, seeds: int | None, quick: bool) -> Scale:
+    """--paper's scale with the recipe, depth and steps asked for (--quick: the smoke
+    test's budget). The variants: the paper's at its recipe and depth; otherwise those
+    of the attribution, untied and G=4."""
+    budget = SCALES["quick" if quick else "paper"]
+    steps = steps or budget.steps
+    if quick:
+        variants = QUICK_PAPER_VARIANTS
+    elif (recipe, layers) == ("muon", PAPER_LAYERS):
+        variants = PAPER_MODE_VARIANTS
+    else:
+        variants = ATTRIBUTION_VARIANTS
+    return dataclasses.replace(
+        budget, shape={"n_layers": layers}, steps=steps, warmup=RECIPES[recipe].warmup(steps), lr=RECIPES[recipe].lr,
+        optimizer=RECIPES[recipe].optimizer, seeds=seeds or budget.seeds, variants=variants,
+    )
 
 
 def log(message: str) -> None:
@@ -196,7 +315,7 @@ def check_shape(scale: Scale, variant: Variant) -> dict:
     return {
         "family": "olmoe", "flavor": "debug", "tying": tying_of(variant, args.n_layers), "model_overrides": shape,
         "batch": scale.batch, "seq_len": scale.seq_len, "microbatches": 1, "steps": 2, "timing": True,
-        "expert_bias_rate": 0.0, "lr": scale.lr, "mixed_precision_param": scale.mixed_precision,
+        "expert_bias_rate": 0.0, "lr": scale.lr, "optimizer": scale.optimizer, "mixed_precision_param": scale.mixed_precision,
     }
 
 
@@ -218,11 +337,44 @@ def default_corpus(out: str) -> tuple[str, str]:
 # ---- the output folder ----------------------------------------------------------------
 
 
+# What a run's numbers depend on besides its settings: the package (model, loader,
+# optimizer, trainer), the recipes and this script (the overrides it passes).
+RUN_CODE = ("tiedmoe_titan", "recipes", "experiments/reproduce_tying.py", "pyproject.toml")
+
+
+def code_version() -> str:
+    """The last commit that changed ``RUN_CODE``, and if the working tree changes it
+    further, a digest of those changes (diff and untracked files):
+    ``<commit>`` or ``<commit>+uncommitted:<digest>``.
+
+    Not HEAD, nor ``git describe --dirty``: a commit elsewhere (docs, tests) does not
+    change a run, and would stop an interrupted comparison from resuming; and ``-dirty``
+    names every uncommitted state alike, so two different edits would pass as one."""
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True).stdout
+
+    try:
+        commit = git("log", "-1", "--format=%H", "--", *RUN_CODE).decode().strip()
+        diff = git("diff", "HEAD", "--binary", "--", *RUN_CODE)
+        untracked = sorted(filter(None, git("ls-files", "--others", "--exclude-standard", "-z", "--", *RUN_CODE).split(b"\0")))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown: not a git checkout"
+    if not diff and not untracked:
+        return commit
+    digest = hashlib.sha256(diff)
+    for path in untracked:
+        with open(os.path.join(REPO, path.decode()), "rb") as f:
+            digest.update(path + b"\0" + f.read())
+    return f"{commit}+uncommitted:{digest.hexdigest()[:16]}"
+
+
 def claim_out_folder(out: str, scale: Scale, train: str, valid: str) -> None:
     """Finished runs and initial weights under ``out`` are reused, which is right only
-    for the same settings: the first invocation records them in ``settings.json`` and a
-    later one must match (more seeds or variants are fine)."""
-    settings = {**dataclasses.asdict(scale), "train_data": os.path.abspath(train), "valid_data": os.path.abspath(valid)}
+    for the same settings and code: the first invocation records them in
+    ``settings.json`` and a later one must match (more seeds or variants are fine)."""
+    settings = {**dataclasses.asdict(scale), "train_data": os.path.abspath(train), "valid_data": os.path.abspath(valid),
+                "code": code_version()}
     for key in ("seeds", "variants"):
         del settings[key]
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
@@ -313,6 +465,7 @@ def train_command(scale: Scale, variant: Variant, seed: int, run_dir: str, flavo
         "checkpoint.initial_load_path": init,  # model only (torchtitan's default)
         "debug.seed": seed,
         **{f"tying.{key}": value for key, value in tying.items()},
+        **optimizer_overrides(scale.optimizer),
     }
     argv = [sys.executable, "-m", "tiedmoe_titan.train", BASE_RECIPE]
     for key, value in overrides.items():
@@ -321,6 +474,14 @@ def train_command(scale: Scale, variant: Variant, seed: int, run_dir: str, flavo
         else:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def optimizer_overrides(keys: dict, prefix: str = "optimizer") -> dict:
+    """``[optimizer]`` keys (a nested dict for ``[optimizer.muon]``) as dotted overrides."""
+    flat = {}
+    for key, value in keys.items():
+        flat.update(optimizer_overrides(value, f"{prefix}.{key}") if isinstance(value, dict) else {f"{prefix}.{key}": value})
+    return flat
 
 
 def read_events(tb_root: str) -> dict[str, list[tuple[int, float]]]:
@@ -394,8 +555,13 @@ def param_counts(scale: Scale, variant: Variant) -> dict:
     """Unique and active parameters, as tiedmoe-plan counts them."""
     from tiedmoe_titan.models import FAMILIES
     from tiedmoe_titan.plan import meta_param_counts
+    from tiedmoe_titan.tying import TieConfigError
 
-    counts = meta_param_counts(FAMILIES["olmoe"][0], model_args(scale, variant))
+    args = model_args(scale, variant)
+    try:
+        counts = meta_param_counts(FAMILIES["olmoe"][0], args)
+    except TieConfigError as e:  # e.g. --layers too few for the anchors
+        raise SystemExit(f"reproduce_tying: {variant.name} with {args.n_layers} layers: {e}") from None
     return {"unique_params": counts.total, "active_params": counts.active, "expert_params": counts.expert}
 
 
@@ -562,31 +728,57 @@ def parse_args(argv=None):
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke test: 2 variants, 1 seed, a few steps")
     size.add_argument("--scale", action="store_true", help="the bigger comparison, for a GPU")
-    p.add_argument("--seeds", type=int, help="seeds per variant (default 6; --quick 1)")
-    p.add_argument("--steps", type=int, help="training steps per run (default: the scale's)")
+    p.add_argument("--paper", action="store_true",
+                   help="paper-style: the reference's Muon recipe, 16 MoE layers and its variants (see the docstring)")
+    p.add_argument("--optimizer", choices=sorted(RECIPES), help="with --paper: muon (the reference's, default) or adamw (today's)")
+    p.add_argument("--layers", type=int, help=f"with --paper: MoE layers (default {PAPER_LAYERS})")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 6; --paper 4; --quick 1)")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the scale's; --paper scales the warm-up with it)")
     p.add_argument("--variants", help=f"comma-separated, of: {', '.join(v.name for v in VARIANTS)} "
-                   "(default: the paper's comparison, every variant before the g4_lr_* bank-LR ablations)")
+                   "(default: the mode's comparison; without --paper every variant before the *_lr_* bank-LR ones)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (default with --quick: it is slow)")
     p.add_argument("--jobs", type=int, default=0, help="runs at a time (default: 2 on CPU, each on half the cores; 1 on GPU)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     a = p.parse_args(argv)
     if bool(a.data_train) != bool(a.data_valid):
         p.error("--data-train and --data-valid go together")
+    if a.paper and a.scale:
+        p.error("--paper and --scale are two comparisons: choose one")
+    if not a.paper and (a.optimizer or a.layers):
+        p.error("--optimizer and --layers go with --paper")
+    if a.layers is not None and a.layers < 1:
+        p.error(f"--layers {a.layers}: must be at least 1")
+    a.optimizer = a.optimizer or "muon"
+    a.layers = a.layers or PAPER_LAYERS
     a.no_memory = a.no_memory or a.quick
     return a
 
 
+def default_out_folder(a) -> str:
+    """outputs/<this>: one folder per mode, and with --paper per recipe, depth and steps."""
+    if not a.paper:
+        return "reproduce_tying" + ("_quick" if a.quick else "_scale" if a.scale else "")
+    return "reproduce_tying_paper" + "".join((
+        "_adamw" if a.optimizer == "adamw" else "",
+        f"_{a.layers}layers" if a.layers != PAPER_LAYERS else "",
+        f"_{a.steps}steps" if a.steps else "",
+        "_quick" if a.quick else "",
+    ))
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
-    scale = SCALES["quick" if a.quick else "scale" if a.scale else "default"]
-    scale = dataclasses.replace(scale, seeds=a.seeds or scale.seeds, steps=a.steps or scale.steps)
+    if a.paper:
+        scale = paper_scale(a.optimizer, a.layers, a.steps, a.seeds, a.quick)
+    else:
+        scale = SCALES["quick" if a.quick else "scale" if a.scale else "default"]
+        scale = dataclasses.replace(scale, seeds=a.seeds or scale.seeds, steps=a.steps or scale.steps)
     names = a.variants.split(",") if a.variants else list(scale.variants)
     unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
     if unknown:
         raise SystemExit(f"reproduce_tying: unknown variant {unknown[0]!r}: choose from {', '.join(v.name for v in VARIANTS)}")
     variants = [v for v in VARIANTS if v.name in names]
-    default_out = "reproduce_tying" + ("_quick" if a.quick else "_scale" if a.scale else "")
-    out = os.path.abspath(a.out or os.path.join(REPO, "outputs", default_out))
+    out = os.path.abspath(a.out or os.path.join(REPO, "outputs", default_out_folder(a)))
     os.makedirs(out, exist_ok=True)
     train, valid = (a.data_train, a.data_valid) if a.data_train else default_corpus(out)
     claim_out_folder(out, scale, train, valid)
@@ -599,7 +791,7 @@ def main(argv=None) -> None:
     log(f"{len(variants)} variants x {scale.seeds} seeds, {scale.steps} steps of {scale.batch} x {scale.seq_len} tokens, "
         f"{jobs} run(s) at a time; output {out}")
 
-    params = {v.name: param_counts(scale, v) for v in variants}
+    params = {v.name: param_counts(scale, v) for v in variants}  # (refuses a variant that cannot be built)
     inits = {seed: initial_weights(scale, variants, seed, out) for seed in range(scale.seeds)}
     # Seed-major order: an interrupted comparison holds whole seeds of every variant.
     tasks = [(v, seed) for seed in range(scale.seeds) for v in variants]
