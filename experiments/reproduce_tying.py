@@ -37,7 +37,9 @@ and the same with experts ``THIN_EXPERT_FFN`` wide (next to no expert capacity).
 
 The default corpus is real English prose available offline: the docstrings of this
 Python's standard library (``tiedmoe_titan.assets.stdlib_corpus``, one document
-per module, split into train / valid by module path), collected under ``--out``.
+per module, split into train / valid by module path), collected under ``--out``. More
+text, for longer runs: ``experiments/build_doc_corpus.py`` (Debian's documentation as
+token shards, ``--data-train outputs/doc_corpus/train --data-valid outputs/doc_corpus/valid``).
 
 Paper-style mode (``--paper``): the recipe of the paper's reference code (epfml/looped-moe,
 ``moe_train.py``: ``build_optimizer``, ``get_lr``, ``TRAIN_CONFIGS``) on the debug shape
@@ -723,8 +725,9 @@ def machine() -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="output folder (default: outputs/reproduce_tying, _quick or _scale)")
-    p.add_argument("--data-train", help="training text: .txt / .jsonl / .parquet globs (default: stdlib docstrings)")
-    p.add_argument("--data-valid", help="held-out text, same formats (required with --data-train)")
+    p.add_argument("--data-train", help="training data: .txt / .jsonl / .parquet globs or a token-shard folder "
+                   "(default: stdlib docstrings)")
+    p.add_argument("--data-valid", help="held-out data, same kinds (required with --data-train)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke test: 2 variants, 1 seed, a few steps")
     size.add_argument("--scale", action="store_true", help="the bigger comparison, for a GPU")
