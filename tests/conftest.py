@@ -93,6 +93,20 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _root_logger_handlers():
+    """A test that runs the trainer in-process calls torchtitan's ``init_logger``, which
+    attaches a handler to the stream pytest captured for that test; once the test ends the
+    stream is closed, and the next log line (any test's) prints a "Logging error" to stderr."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def load_all(checkpoint_dir) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP checkpoint (model, optimizer, expert bias, ...)."""
     metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
