@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -38,8 +37,9 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.tools.logging import logger
 
-from .models.moe import tied_moe_layers
+from .compat import replaced_clip_grad_norm
 from .data.shard_format import write_json_atomic
+from .models.moe import tied_moe_layers
 from .tokenizer import tokenizer_identity
 
 STEP = re.compile(r"^step-(\d+)$")
@@ -286,9 +286,9 @@ class NonFiniteGuard:
     gradients), which is non-finite exactly when some gradient is. A rank whose loss is
     not finite first puts a NaN into one of its own gradients, so the norm carries
     that too. The one cost is reading the norm on the host before the optimizer step.
-    ``watching_clip()`` is how the norm is taken: torchtitan 0.2.2's ``train_step``
-    calls ``torchtitan.distributed.utils.clip_grad_norm_`` right before
-    ``optimizers.step()`` and keeps the result to itself."""
+    ``watching_clip()`` is how the norm is taken (``compat.replaced_clip_grad_norm``):
+    torchtitan 0.2.2's ``train_step`` clips right before ``optimizers.step()`` and keeps
+    the norm to itself."""
 
     def __init__(self, optimizers, model_parts, max_skipped: int):
         self.optimizers = optimizers
@@ -304,23 +304,17 @@ class NonFiniteGuard:
         ok = torch.isfinite(loss.detach()).all()
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
 
-    @contextlib.contextmanager
     def watching_clip(self):
-        import torchtitan.distributed.utils as dist_utils
+        def keeping_norm(clip):
+            def clip_and_keep_norm(parameters, *args, **kwargs):
+                parameters = list(parameters)
+                self._poison_if_loss_not_finite(parameters)
+                self._grad_norm = clip(parameters, *args, **kwargs)
+                return self._grad_norm
 
-        clip = dist_utils.clip_grad_norm_
+            return clip_and_keep_norm
 
-        def clip_and_keep_norm(parameters, *args, **kwargs):
-            parameters = list(parameters)
-            self._poison_if_loss_not_finite(parameters)
-            self._grad_norm = clip(parameters, *args, **kwargs)
-            return self._grad_norm
-
-        dist_utils.clip_grad_norm_ = clip_and_keep_norm
-        try:
-            yield
-        finally:
-            dist_utils.clip_grad_norm_ = clip
+        return replaced_clip_grad_norm(keeping_norm)
 
     def _poison_if_loss_not_finite(self, parameters) -> None:
         if self._loss_ok is None:

@@ -10,6 +10,10 @@ An upgrade of torchtitan reads this one file. Each seam names what it leans on:
 * ``build_validator_with_loader``: torchtitan's ``Validator`` builds its loader by
   calling the module-level name ``build_text_validation_dataloader`` (HF datasets
   only); that one name is pointed at the project's loader while it is built.
+* ``replaced_clip_grad_norm``: torchtitan's ``Trainer.train_step`` clips gradients
+  through the module-level ``torchtitan.distributed.utils.clip_grad_norm_`` right
+  before ``optimizers.step()`` and keeps the norm to itself; the NaN guard reads it
+  there.
 * ``tensorboard_loggers``: ``LoggerContainer._loggers``, where the moe/ histograms go.
 * ``SAC_SAVE_OPS``: the ops each torchtitan plan's selective activation
   checkpointing saves (``_op_sac_save_list``).
@@ -53,13 +57,14 @@ model); it is idempotent. Importing the pure ``tiedmoe_titan.tying`` patches not
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
 import platform
 import resource
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,6 +74,7 @@ from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr
 from torchtitan.components.metrics import LoggerContainer, TensorBoardLogger
 from torchtitan.config import ConfigManager
 from torchtitan.config import JobConfig as TitanJobConfig
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.models.deepseek_v3.infra.parallelize import _op_sac_save_list as deepseek_sac_ops
 from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
 from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list as qwen3_sac_ops
@@ -113,6 +119,19 @@ def recipe_config_manager(values: dict) -> ConfigManager:
 # ---- torchtitan's validator, metrics and activation checkpointing ---------------------
 
 
+@contextlib.contextmanager
+def _swapped(module: Any, name: str, replacement: Callable[[Callable], Callable]) -> Iterator[None]:
+    """``module.name`` is ``replacement(original)`` inside the context."""
+    if not hasattr(module, name):
+        raise RuntimeError(f"{module.__name__}.{name} not found: update tiedmoe_titan.compat for this torchtitan")
+    original = getattr(module, name)
+    setattr(module, name, replacement(original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
 def build_validator_with_loader(build_loader: Callable, **validator_args) -> Any:
     """torchtitan's ``build_validator``, whose ``Validator`` builds its loader with
     ``build_loader`` instead of the HF-datasets ``build_text_validation_dataloader``
@@ -120,15 +139,14 @@ def build_validator_with_loader(build_loader: Callable, **validator_args) -> Any
     of the constructor; the Trainer builds its validator once, from one thread)."""
     from torchtitan.components import validate  # imports pipelining: only when a validator is built
 
-    name = "build_text_validation_dataloader"
-    if not hasattr(validate, name):
-        raise RuntimeError(f"torchtitan.components.validate.{name} not found: update tiedmoe_titan.compat for this torchtitan")
-    original = getattr(validate, name)
-    setattr(validate, name, build_loader)
-    try:
+    with _swapped(validate, "build_text_validation_dataloader", lambda original: build_loader):
         return validate.build_validator(**validator_args)
-    finally:
-        setattr(validate, name, original)
+
+
+def replaced_clip_grad_norm(replacement: Callable[[Callable], Callable]):
+    """A context in which torchtitan's trainer clips with ``replacement(original)``
+    instead of ``torchtitan.distributed.utils.clip_grad_norm_``."""
+    return _swapped(dist_utils, "clip_grad_norm_", replacement)
 
 
 def tensorboard_loggers(metric_logger: Any) -> list[TensorBoardLogger]:
