@@ -3,7 +3,8 @@ weights and are compared with untied seed by seed; --quick trains two variants, 
 are evaluated and land in the table (markdown and JSON) and the loss-curve plots;
 --paper --quick does the same under the reference's Muon recipe at 16 MoE layers; an
 output folder is reused only by the same settings and code. experiments/build_doc_corpus.py:
-the prose of HTML and POD pages."""
+the prose of HTML and POD pages. experiments/summarize_paper.py: the groups' paired gaps,
+by corner and by tokens, and the groups not run yet."""
 
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from tiedmoe_titan.data import DEFAULT_TRAIN_PATH, DEFAULT_VALID_PATH
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "reproduce_tying.py")
+SUMMARIZER = os.path.join(REPO, "experiments", "summarize_paper.py")
 CORPUS_BUILDER = os.path.join(REPO, "experiments", "build_doc_corpus.py")
 
 
@@ -66,6 +68,42 @@ def test_difference_is_paired_by_seed():
     assert diff["n"] == 3 and diff["seeds_worse"] == 3
     assert diff["diff"] == pytest.approx(0.02)
     assert diff["standard_error"] == pytest.approx(0.01 / 3**0.5)  # per-seed diffs 0.01, 0.02, 0.03
+
+
+def _group(script, steps: int, g4_name: str, gaps: list[float]) -> dict:
+    """A group's results.json as reproduce_tying writes it, with held-out gaps per seed."""
+    runs = []
+    for seed, gap in enumerate(gaps):
+        curve = [[steps // 2, 5.0 + seed], [steps, 4.0 + seed]]
+        runs.append({"variant": "untied", "seed": seed, "val_loss": 4.0 + seed, "val_curve": curve})
+        runs.append({"variant": g4_name, "seed": seed, "val_loss": 4.0 + seed + gap,
+                     "val_curve": [[s, v + 2 * gap] for s, v in curve]})
+    rows = [{"variant": "untied", "label": "untied"},
+            {"variant": g4_name, "label": g4_name, "val_loss_vs_untied": script.paired_difference(runs[1::2], runs[::2])}]
+    return {"scale": {"steps": steps, "batch": 8, "seq_len": 128}, "wall_seconds": 60.0, "rows": rows, "runs": runs}
+
+
+def test_paper_summary_reads_each_groups_paired_gap(tmp_path):
+    script, summarizer = load_script(), load_script(SUMMARIZER)
+    outputs, docs = tmp_path / "outputs", tmp_path / "docs"
+    groups = {
+        "reproduce_tying_paper": _group(script, 400, "g4", [0.01, 0.03]),
+        "reproduce_tying_paper_doc_1x": _group(script, 400, "g4_lr_inv_sqrt_g", [0.04, 0.06, 0.05]),
+        "reproduce_tying_paper_doc_4x": _group(script, 1600, "g4_lr_inv_sqrt_g", [0.01, 0.02, 0.03]),
+    }
+    for name, group in groups.items():
+        (outputs / name).mkdir(parents=True)
+        (outputs / name / "results.json").write_text(json.dumps(group))
+    summarizer.main(["--outputs", str(outputs), "--docs", str(docs)])
+
+    summary = (docs / "summary.md").read_text()
+    assert "| 16 | Muon | +0.0200 ± 0.0100 (2/2 worse) |" in summary
+    assert "| 8 | AdamW | not run |" in summary
+    assert "Not run yet: reproduce_tying_paper_adamw_8layers, reproduce_tying_paper_adamw, reproduce_tying_paper_8layers" in summary
+    points = json.loads((docs / "summary.json").read_text())["gap_vs_tokens"]
+    assert [(p["tokens"], round(p["diff"], 6)) for p in points] == [(409_600, 0.05), (1_638_400, 0.02)]
+    assert [[round(m, 6) for _, m, _ in p["in_run_gap"]] for p in points] == [[0.1, 0.1], [0.04, 0.04]]
+    assert (docs / "paper_doc_4x" / "results.json").exists()
 
 
 def head(source: str, target, lines: int) -> str:
