@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
-import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reproduce_tying import paired_difference  # noqa: E402  (the groups' own pairing by seed)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIED = ("g4", "g4_lr_inv_sqrt_g")  # the G=4 variants the groups hold
@@ -28,6 +30,8 @@ CORNERS = {
     (16, "Muon"): "reproduce_tying_paper",
 }
 TOKEN_GROUPS = ("reproduce_tying_paper_doc_1x", "reproduce_tying_paper_doc_4x")
+# Paired comparisons within the paper group that no column of its table shows.
+WITHIN_PAPER = (("g4", "g4_lr_inv_sqrt_g"), ("narrow", "g4_lr_inv_sqrt_g"), ("narrow", "g4"))
 PLOTS = ("train_loss.png", "val_loss.png", "val_loss_vs_untied.png")
 
 
@@ -45,10 +49,17 @@ def row(group: dict, variant: str) -> dict | None:
 
 def delta(group: dict, variant: str) -> str:
     r = row(group, variant)
-    d = r and r.get("val_loss_vs_untied")
+    return pm(r and r.get("val_loss_vs_untied"))
+
+
+def pm(d: dict | None) -> str:
     if not d:
         return "—"
     return f"{d['diff']:+.4f} ± {d['standard_error']:.4f} ({d['seeds_worse']}/{d['n']} worse)"
+
+
+def runs_of(group: dict, variant: str) -> list[dict]:
+    return [r for r in group["runs"] if r["variant"] == variant]
 
 
 def tokens_per_run(group: dict) -> int:
@@ -58,18 +69,15 @@ def tokens_per_run(group: dict) -> int:
 
 def in_run_gap(group: dict, variant: str) -> list[tuple[int, float, float]]:
     """(step, mean, s.e.) of the in-run validation loss minus untied's, paired by seed."""
-    by_seed = {}
-    for r in group["runs"]:
-        by_seed.setdefault(r["seed"], {})[r["variant"]] = dict(r["val_curve"])
-    pairs = [(runs["untied"], runs[variant]) for runs in by_seed.values() if "untied" in runs and variant in runs]
-    if not pairs:
+    curves = {name: {r["seed"]: dict(r["val_curve"]) for r in runs_of(group, name)} for name in ("untied", variant)}
+    if not all(curves.values()):
         return []
-    steps = sorted(set.intersection(*(set(u) & set(t) for u, t in pairs)))
+    steps = sorted(set.intersection(*(set(c) for runs in curves.values() for c in runs.values())))
     out = []
     for step in steps:
-        diffs = [t[step] - u[step] for u, t in pairs]
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-        out.append((step, statistics.fmean(diffs), se))
+        at_step = {name: [{"seed": seed, "val_loss": c[step]} for seed, c in runs.items()] for name, runs in curves.items()}
+        d = paired_difference(at_step[variant], at_step["untied"])
+        out.append((step, d["diff"], d["standard_error"]))
     return out
 
 
@@ -135,6 +143,9 @@ def main(argv=None) -> None:
         lines += ["", "The paper's recipe and depth (16 MoE layers, Muon), every variant:", "",
                   "| variant | Δ vs untied |", "|---|---|"]
         lines += [f"| {r['label']} | {delta(paper, r['variant'])} |" for r in paper["rows"] if r["variant"] != "untied"]
+        lines += ["", "| paired by seed | difference |", "|---|---|"]
+        lines += [f"| {a} − {b} | {pm(paired_difference(runs_of(paper, a), runs_of(paper, b)))} |"
+                  for a, b in WITHIN_PAPER if runs_of(paper, a) and runs_of(paper, b)]
 
     points = []
     for name in TOKEN_GROUPS:
