@@ -218,7 +218,9 @@ def test_expert_bias_updates_with_muon():
 def test_recipe_chooses_muon():
     job_config = parse_recipe("recipes/olmoe/regular_g4_muon.toml")
     assert job_config.optimizer.name == "Muon" and job_config.optimizer.lr == 0.02
-    assert job_config.optimizer.muon == MuonConfig()
+    # The paper's reference recipe: Muon's weight decay 0.1, AdamW's 0.01, bank LR / sqrt(G).
+    assert job_config.optimizer.muon == MuonConfig(weight_decay=0.1) and job_config.optimizer.weight_decay == 0.01
+    assert job_config.tying.bank_lr_scale == "inv_sqrt_g"
     assert (job_config.lr_scheduler.decay_type, job_config.lr_scheduler.min_lr_factor) == ("cosine", 0.1)
     with pytest.raises(RecipeError, match=r"unknown key \[optimizer.muon\] 'momentun': did you mean 'momentum'"):
         parse_recipe("recipes/olmoe/regular_g4_muon.toml", ["--optimizer.muon.momentun", "0.9"])
