@@ -5,7 +5,9 @@ to the batch shell (`scancel --signal=USR1 --batch`), as `--signal=B:USR1@...` w
 The job must save a checkpoint, requeue itself, resume from that checkpoint and finish
 with the state of an uninterrupted run. The save is made slower than SLURM's KillWait
 (a test-only delay): a torchrun that died of the signal, or exited before its trainers,
-would end the step and get the save killed.
+would end the step and get the save killed. The job holds after step 3 until the signal
+comes (a test hook): a machine that trains faster than the signal travels would
+otherwise finish first.
 
 Needs Debian's slurm-wlm (`.ci/run` installs it). Set TIEDMOE_NO_SLURM=1 to skip where
 SLURM cannot run; the skip prints why.
@@ -85,14 +87,15 @@ def job_field(env, job: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, log=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(1)
-    pytest.fail(f"timed out waiting for {what}")
+    tail = f"; the job's output ends:\n{log.read_text()[-3000:]}" if log and log.exists() else ""
+    pytest.fail(f"timed out waiting for {what}{tail}")
 
 
 def losses(text: str) -> dict[int, str]:
@@ -107,24 +110,27 @@ def test_preempted_job_saves_slower_than_killwait_requeues_and_resumes_exactly(s
         "--training.steps", str(steps), "--training.seq_len", "64", "--training.local_batch_size", "4",
         "--metrics.log_freq", "1", "--validation.no-enable", "--checkpoint.enable", "--checkpoint.interval", "1000",
     ]
+    # One thread each: the two runs share the 2 cores without spinning on each other's.
+    env = {**env, "OMP_NUM_THREADS": "1"}
     straight = subprocess.Popen(
         ["python3", "-m", "tiedmoe_titan.train", RECIPE, "--job.dump_folder", str(tmp_path / "straight"), *overrides],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    hooks = {"TIEDMOE_TEST_HOLD_AT_STEP": "3", "TIEDMOE_TEST_PREEMPTION_SAVE_DELAY_S": str(SAVE_DELAY_S)}
     submit = subprocess.run(
         ["sbatch", "--parsable", f"--output={log}", "--nodes=1", "slurm/train.sbatch", RECIPE,
          "--job.dump_folder", str(tmp_path / "run"), *overrides],
-        env={**env, "TIEDMOE_TEST_PREEMPTION_SAVE_DELAY_S": str(SAVE_DELAY_S)}, capture_output=True, text=True, check=True,
+        env={**env, **hooks}, capture_output=True, text=True, check=True,
     )
     job = submit.stdout.strip().split(";")[0]
 
-    def training_started():
-        return log.exists() and re.search(r"step:\s*3\s", re.sub(r"\x1b\[[0-9;]*m", "", log.read_text()))
+    def holding():
+        return log.exists() and "Holding after step 3" in log.read_text()
 
-    wait_for(training_started, 180, "the job to train a few steps")
+    wait_for(holding, 180, "the job to train 3 steps", log)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-    wait_for(lambda: job_field(env, job, "Restarts") not in ("", "0"), 180, "the job to requeue")
-    wait_for(lambda: job_field(env, job, "JobState") == "COMPLETED", 300, "the requeued job to finish")
+    wait_for(lambda: job_field(env, job, "Restarts") not in ("", "0"), 180, "the job to requeue", log)
+    wait_for(lambda: job_field(env, job, "JobState") == "COMPLETED", 300, "the requeued job to finish", log)
     straight_log = straight.communicate(timeout=300)[0]
     assert straight.returncode == 0, straight_log[-3000:]
 
@@ -133,7 +139,7 @@ def test_preempted_job_saves_slower_than_killwait_requeues_and_resumes_exactly(s
     assert saved, text[-3000:]
     step, save_s = int(saved.group(1)), float(saved.group(2))
     print(f"preemption save took {save_s:.1f} s (KillWait {KILL_WAIT_S} s) at step {step}")
-    assert 3 <= step < steps and save_s > KILL_WAIT_S
+    assert step == 3 and save_s > KILL_WAIT_S
     assert "the trainers saved for resumption: scontrol requeue" in text and "restart 1" in text
     assert f"Loading the checkpoint from {tmp_path}/run/checkpoint/step-{step}" in text
     assert f"Training starts at step {step + 1}" in text

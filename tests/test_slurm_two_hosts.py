@@ -174,7 +174,9 @@ class Job:
         self.cluster = cluster
         self.log = tmp_path / "job.out"
         self.dump = tmp_path / "run"
-        env = {**cluster.env, "GLOO_SOCKET_IFNAME": IFNAME, "OMP_NUM_THREADS": "1"}
+        # TIEDMOE_TEST_HOLD_AT_STEP: the trainers wait after step 2 for the preemption signal
+        # (test_slurm.py says why).
+        env = {**cluster.env, "GLOO_SOCKET_IFNAME": IFNAME, "OMP_NUM_THREADS": "1", "TIEDMOE_TEST_HOLD_AT_STEP": "2"}
         env.pop("NPROC", None)  # the launcher's default: the recipe's world size / NNODES
         submit = subprocess.run(
             [

@@ -65,7 +65,12 @@ USAGE = "usage: tiedmoe-train RECIPE.toml [--section.key value ...]"
 
 # Installed first thing in main(), so that a signal during start-up is not lost.
 STOP_REQUEST = StopRequest()
-# Test hook: seconds to wait before the preemption save (a save slower than SLURM's KillWait).
+# Test hooks. Hold the run after it has trained this step until a preemption signal
+# arrives (at most HOLD_LIMIT_S; a run resumed from this step does not hold), so that a
+# test's signal lands mid-run however fast the machine trains; and wait this many seconds
+# before the preemption save (a save slower than SLURM's KillWait).
+HOLD_AT_STEP_ENV = "TIEDMOE_TEST_HOLD_AT_STEP"
+HOLD_LIMIT_S = 300
 SAVE_DELAY_ENV = "TIEDMOE_TEST_PREEMPTION_SAVE_DELAY_S"
 
 
@@ -150,6 +155,11 @@ class TiedMoETrainer(Trainer):
             )
 
     def should_continue_training(self) -> bool:
+        if self.step > self.resume_step and self.step == int(os.environ.get(HOLD_AT_STEP_ENV, "-1")):
+            logger.info(f"Holding after step {self.step} until a preemption signal ({HOLD_AT_STEP_ENV})")
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while STOP_REQUEST.signal is None and time.monotonic() < deadline:
+                time.sleep(0.1)
         if self.step < self.job_config.training.steps and self.stop_agreement.any_rank_stopped():
             self._save_for_resume()
             return False
